@@ -1,0 +1,63 @@
+"""The contract every backend implements (ExecuTorch's `preprocess` in spirit: small and one-way).
+
+A *program* is one file that holds one or more graphs (ExecuTorch methods, Core ML functions);
+`lower` writes it under `out_dir` and describes each graph for the manifest. A backend that cannot
+put several graphs in one file writes one file per graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporter.graph_defs import GraphDef, StepShapes
+
+
+@dataclass
+class LoweredGraph:
+    """What the manifest records for one graph: graph id `<program>.<kind>`."""
+
+    id: str
+    file: str  # relative to the bundle root
+    method: str  # method (ExecuTorch), function (Core ML) or "" (one graph per file)
+    inputs: list[dict]
+    outputs: list[dict]
+    arena_bytes: int | None = None  # planned activation memory of one call, when the runtime plans it
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"file": self.file, "method": self.method, "inputs": self.inputs, "outputs": self.outputs,
+             "arena_bytes": self.arena_bytes}
+        d.update(self.extra)
+        return d
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The backend's runtime cannot execute graphs on this machine (Core ML off macOS)."""
+
+
+GraphFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+class Backend:
+    name: str = ""
+    #: True: a layer's frozen weights are baked into a per-layer program (forward and backward
+    #: share them); False: one program serves every layer and weights are inputs read from
+    #: `weights/layer_XX.safetensors`.
+    weights_in_graphs: bool = False
+
+    def lower(self, program: str, graphs: list[GraphDef], out_dir: Path) -> list[LoweredGraph]:
+        """Export `graphs` (all traced with torch.export) into one program file under `out_dir/graphs/`."""
+        raise NotImplementedError
+
+    def write_training_artifacts(self, shapes: StepShapes, lora_state: dict, out_dir: Path) -> dict:
+        """Backend-specific training files (ORT: checkpoint + optimizer model). Returns manifest fields."""
+        return {}
+
+    def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
+        """An executable for one manifest graph entry (`LoweredGraph.to_dict()`): it takes numpy arrays in
+        the order of `graph["inputs"]` and returns numpy arrays in the order of `graph["outputs"]`.
+        Raises RuntimeUnavailable where the runtime cannot run here."""
+        raise NotImplementedError

@@ -1,0 +1,252 @@
+"""The subgraphs of one training step, as `torch.nn.Module`s with flat, named tensor inputs.
+
+Every backend lowers the same `GraphDef`s; only the file format differs. Graph kinds:
+
+    embed_chunk     (input_ids, weight, offset, acc)                    -> (acc_out,)
+    layer_forward   (x, [frozen weights], lora...)                      -> (y,)
+    layer_backward  (x, dy, [frozen weights], lora...)                  -> (dx, grad_<lora>...)
+    head_chunk      (x, norm_weight, labels, weight, offset, mu, s, P, T) -> (mu_out, s_out, P_out, T_out)
+    head_finish     (x, norm_weight, labels, mu, s, P, T)               -> (loss, dx)
+    optimizer       sgd:   (lr, param_<lora>..., grad_<lora>...)        -> (new_<lora>...)
+                    adamw: (lr, step, param_..., grad_..., exp_avg_..., exp_avg_sq_...)
+                           -> (new_..., new_exp_avg_..., new_exp_avg_sq_..., step_out)
+
+Frozen layer weights are inputs when `weights` is None (one graph serves every layer; ExecuTorch and
+ONNX Runtime) or constants baked into the graph when given (Core ML: one package per layer).
+Tensor names inside a layer use Hugging Face names with '.' replaced by '_' (`ident`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from graphs import head as head_math
+from graphs import optim as optim_math
+from graphs import qwen2
+from graphs.config import LoraConfig, ModelSpec
+
+Tensor = torch.Tensor
+METHODS = ("mesp", "mebp")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def ident(name: str) -> str:
+    """A Hugging Face tensor name as a graph input/output name: `self_attn.q_proj.weight` -> `self_attn_q_proj_weight`."""
+    return name.replace(".", "_")
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def example(self) -> Tensor:
+        if self.dtype == "int64":
+            return torch.zeros(self.shape, dtype=torch.int64)
+        return torch.randn(self.shape, dtype=torch.float32) * 0.02
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class GraphDef:
+    """One traceable subgraph: `module(*inputs)` returns a tuple of tensors named `outputs`."""
+
+    kind: str
+    module: torch.nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    constants: dict[str, Tensor] = field(default_factory=dict)  # frozen weights baked in (Core ML)
+
+    def example_inputs(self) -> tuple[Tensor, ...]:
+        return tuple(t.example() for t in self.inputs)
+
+    def signature(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """Everything that fixes the graphs' shapes and math."""
+
+    spec: ModelSpec
+    lora: LoraConfig
+    method: str = "mesp"
+    optimizer: str = "sgd"
+    vocab_chunk_rows: int = 8192
+    mlp_blocks: int = 4
+
+    @property
+    def chunk_rows(self) -> int:
+        return head_math.vocab_chunks(self.spec.vocab_size, self.vocab_chunk_rows)[0]
+
+    @property
+    def num_chunks(self) -> int:
+        return head_math.vocab_chunks(self.spec.vocab_size, self.vocab_chunk_rows)[1]
+
+    @property
+    def hidden(self) -> tuple[int, int, int]:
+        return (self.lora.batch, self.lora.seq_len, self.spec.hidden_size)
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        return (self.lora.batch, self.lora.seq_len)
+
+    def lora_names(self) -> list[str]:
+        return list(self.lora.layer_lora_shapes(self.spec))
+
+
+class _WeightsMixin(torch.nn.Module):
+    """Holds frozen layer weights as buffers (constants) or expects them as inputs."""
+
+    def __init__(self, shapes: StepShapes, weights: dict[str, Tensor] | None):
+        super().__init__()
+        self.shapes = shapes
+        self.weight_names = list(shapes.spec.layer_weight_shapes())
+        self.baked = weights is not None
+        if self.baked:
+            for name in self.weight_names:
+                self.register_buffer(ident(name), weights[name].contiguous(), persistent=True)
+
+    def split(self, args: tuple[Tensor, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """args = ([weights if not baked], lora...) -> (weights, lora) dicts by Hugging Face name."""
+        if self.baked:
+            weights = {n: getattr(self, ident(n)) for n in self.weight_names}
+        else:
+            weights, args = dict(zip(self.weight_names, args[:len(self.weight_names)])), args[len(self.weight_names):]
+        return weights, dict(zip(self.shapes.lora_names(), args))
+
+
+class EmbedChunk(torch.nn.Module):
+    def forward(self, input_ids, weight, offset, acc):
+        return (head_math.embed_chunk(input_ids, weight, offset, acc),)
+
+
+class LayerForward(_WeightsMixin):
+    def forward(self, x, *rest):
+        weights, lora = self.split(rest)
+        return (qwen2.decoder_layer_forward(x, weights, lora, self.shapes.spec, self.shapes.lora.scale),)
+
+
+class LayerBackward(_WeightsMixin):
+    def forward(self, x, dy, *rest):
+        weights, lora = self.split(rest)
+        s = self.shapes
+        if s.method == "mebp":
+            dx, grads = qwen2.decoder_layer_backward_autodiff(x, dy, weights, lora, s.spec, s.lora.scale)
+        else:
+            dx, grads = qwen2.decoder_layer_backward(x, dy, weights, lora, s.spec, s.lora.scale, s.mlp_blocks)
+        return (dx, *[grads[n] for n in s.lora_names()])
+
+
+class HeadChunk(torch.nn.Module):
+    def __init__(self, shapes: StepShapes):
+        super().__init__()
+        self.eps, self.vocab = shapes.spec.rms_norm_eps, shapes.spec.vocab_size
+
+    def forward(self, x, norm_weight, labels, weight, offset, mu, s, P, T):
+        return head_math.head_chunk(x, norm_weight, labels, weight, offset, mu, s, P, T, self.eps, self.vocab)
+
+
+class HeadFinish(torch.nn.Module):
+    def __init__(self, shapes: StepShapes):
+        super().__init__()
+        self.eps = shapes.spec.rms_norm_eps
+
+    def forward(self, x, norm_weight, labels, mu, s, P, T):
+        loss, dx = head_math.head_finish(x, norm_weight, labels, mu, s, P, T, self.eps)
+        return loss.reshape(1), dx
+
+
+class SgdUpdate(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, lr, *tensors):
+        return tuple(optim_math.sgd_update(list(tensors[:self.n]), list(tensors[self.n:]), lr))
+
+
+class AdamWUpdate(torch.nn.Module):
+    def __init__(self, n: int, settings: optim_math.AdamWSettings):
+        super().__init__()
+        self.n, self.settings = n, settings
+
+    def forward(self, lr, step, *tensors):
+        n = self.n
+        p, m, v, t = optim_math.adamw_update(list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:3 * n]),
+                                             list(tensors[3 * n:]), lr, step, self.settings)
+        return (*p, *m, *v, t)
+
+
+def layer_weight_inputs(shapes: StepShapes) -> list[TensorSpec]:
+    return [TensorSpec(ident(n), s) for n, s in shapes.spec.layer_weight_shapes().items()]
+
+
+def lora_inputs(shapes: StepShapes, prefix: str = "") -> list[TensorSpec]:
+    return [TensorSpec(prefix + ident(n), s) for n, s in shapes.lora.layer_lora_shapes(shapes.spec).items()]
+
+
+def embed_chunk_graph(shapes: StepShapes) -> GraphDef:
+    C, H = shapes.chunk_rows, shapes.spec.hidden_size
+    return GraphDef("embed_chunk", EmbedChunk(),
+                    [TensorSpec("input_ids", shapes.tokens, "int64"), TensorSpec("weight", (C, H)),
+                     TensorSpec("offset", (1,), "int64"), TensorSpec("acc", shapes.hidden)],
+                    [TensorSpec("acc_out", shapes.hidden)])
+
+
+def layer_forward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None) -> GraphDef:
+    frozen = [] if weights is not None else layer_weight_inputs(shapes)
+    return GraphDef("layer_forward", LayerForward(shapes, weights),
+                    [TensorSpec("x", shapes.hidden), *frozen, *lora_inputs(shapes)],
+                    [TensorSpec("y", shapes.hidden)], weights or {})
+
+
+def layer_backward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None) -> GraphDef:
+    frozen = [] if weights is not None else layer_weight_inputs(shapes)
+    return GraphDef("layer_backward", LayerBackward(shapes, weights),
+                    [TensorSpec("x", shapes.hidden), TensorSpec("dy", shapes.hidden), *frozen, *lora_inputs(shapes)],
+                    [TensorSpec("dx", shapes.hidden), *lora_inputs(shapes, "grad_")], weights or {})
+
+
+def head_state_specs(shapes: StepShapes, suffix: str = "") -> list[TensorSpec]:
+    return [TensorSpec("mu" + suffix, shapes.tokens), TensorSpec("s" + suffix, shapes.tokens),
+            TensorSpec("P" + suffix, shapes.hidden), TensorSpec("T" + suffix, shapes.hidden)]
+
+
+def head_chunk_graph(shapes: StepShapes) -> GraphDef:
+    C, H = shapes.chunk_rows, shapes.spec.hidden_size
+    return GraphDef("head_chunk", HeadChunk(shapes),
+                    [TensorSpec("x", shapes.hidden), TensorSpec("norm_weight", (H,)),
+                     TensorSpec("labels", shapes.tokens, "int64"), TensorSpec("weight", (C, H)),
+                     TensorSpec("offset", (1,), "int64"), *head_state_specs(shapes)],
+                    head_state_specs(shapes, "_out"))
+
+
+def head_finish_graph(shapes: StepShapes) -> GraphDef:
+    H = shapes.spec.hidden_size
+    return GraphDef("head_finish", HeadFinish(shapes),
+                    [TensorSpec("x", shapes.hidden), TensorSpec("norm_weight", (H,)),
+                     TensorSpec("labels", shapes.tokens, "int64"), *head_state_specs(shapes)],
+                    [TensorSpec("loss", (1,)), TensorSpec("dx", shapes.hidden)])
+
+
+def optimizer_graph(shapes: StepShapes, settings: optim_math.AdamWSettings = optim_math.AdamWSettings()) -> GraphDef:
+    n = len(shapes.lora_names())
+    lr, step = TensorSpec("lr", (1,)), TensorSpec("step", (1,))
+    params, grads = lora_inputs(shapes, "param_"), lora_inputs(shapes, "grad_")
+    if shapes.optimizer == "sgd":
+        return GraphDef("optimizer", SgdUpdate(n), [lr, *params, *grads], lora_inputs(shapes, "new_"))
+    m, v = lora_inputs(shapes, "exp_avg_"), lora_inputs(shapes, "exp_avg_sq_")
+    return GraphDef("optimizer", AdamWUpdate(n, settings), [lr, step, *params, *grads, *m, *v],
+                    [*lora_inputs(shapes, "new_"), *lora_inputs(shapes, "new_exp_avg_"),
+                     *lora_inputs(shapes, "new_exp_avg_sq_"), TensorSpec("step_out", (1,))])
+
+
+def step_graphs(shapes: StepShapes) -> list[GraphDef]:
+    """The shared (weights-as-inputs) graphs of one training step, in schedule order."""
+    return [embed_chunk_graph(shapes), layer_forward_graph(shapes), layer_backward_graph(shapes),
+            head_chunk_graph(shapes), head_finish_graph(shapes), optimizer_graph(shapes)]

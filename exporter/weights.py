@@ -1,0 +1,204 @@
+"""Frozen weights, read lazily: one decoder layer (or one block of embedding rows) at a time.
+
+Sources:
+  * a local folder with `config.json` and `*.safetensors` (single file or sharded with an index);
+  * a Hugging Face repo id, fetched (or found in the cache) by `huggingface_hub.snapshot_download`;
+  * `random`: a seeded, architecture-faithful initialisation (Hugging Face `_init_weights`:
+    linear and embedding weights ~ N(0, 0.02), biases 0, RMSNorm weights 1), generated per tensor
+    so that any layer can be produced alone.
+Every tensor is checked against the ModelSpec's name and shape as it is read, and returned float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from graphs.config import ModelSpec
+
+LAYER_PREFIX = "model.layers.{}."
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+INIT_STD = 0.02
+_RANDOM_BLOCK_ROWS = 4096
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be found, read, or does not match the architecture."""
+
+
+class WeightSource:
+    """Interface: `layer(i)`, `rows(name, start, stop)`, `tensor(name)`; `head_name` is the LM head matrix."""
+
+    spec: ModelSpec
+    description: str
+
+    @property
+    def head_name(self) -> str:
+        return EMBEDDING if self.spec.tie_word_embeddings else LM_HEAD
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """The frozen tensors of layer `index`, by name relative to the layer, float32."""
+        prefix = LAYER_PREFIX.format(index)
+        return {name: self.tensor(prefix + name) for name in self.spec.layer_weight_shapes()}
+
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        spec = self.spec
+        if name in (EMBEDDING, LM_HEAD):
+            return (spec.vocab_size, spec.hidden_size)
+        if name == FINAL_NORM:
+            return (spec.hidden_size,)
+        if name.startswith("model.layers."):
+            index, rel = name[len("model.layers."):].split(".", 1)
+            if int(index) < spec.num_layers and rel in spec.layer_weight_shapes():
+                return spec.layer_weight_shapes()[rel]
+        raise WeightsError(f"{name} is not a weight of {spec.name}")
+
+
+class CheckpointWeights(WeightSource):
+    """A Hugging Face safetensors checkpoint folder, opened lazily with `safe_open`."""
+
+    def __init__(self, folder: Path, spec: ModelSpec, description: str):
+        self.folder, self.spec, self.description = Path(folder), spec, description
+        self._file_of: dict[str, Path] = {}
+        index = self.folder / "model.safetensors.index.json"
+        files = sorted(self.folder.glob("*.safetensors"))
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+        elif files:
+            for f in files:
+                with safe_open(f, framework="pt") as st:
+                    self._file_of.update({name: f for name in st.keys()})
+        else:
+            raise WeightsError(f"{self.folder} has no *.safetensors weights")
+        missing = [n for n in self.required_names() if n not in self._file_of]
+        if missing:
+            raise WeightsError(f"checkpoint {self.folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
+
+    def required_names(self) -> list[str]:
+        names = [EMBEDDING, FINAL_NORM]
+        if not self.spec.tie_word_embeddings:
+            names.append(LM_HEAD)
+        for i in range(self.spec.num_layers):
+            names += [LAYER_PREFIX.format(i) + n for n in self.spec.layer_weight_shapes()]
+        return names
+
+    def _slice(self, name: str):
+        try:
+            path = self._file_of[name]
+        except KeyError:
+            raise WeightsError(f"checkpoint {self.folder} has no tensor {name}") from None
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as e:  # corrupt or unreadable file
+            raise WeightsError(f"cannot read {path}: {e}") from None
+        return handle.get_slice(name)
+
+    def _check(self, name: str, shape: list[int]) -> None:
+        want = self.expected_shape(name)
+        if tuple(shape) != want:
+            raise WeightsError(f"{name} has shape {tuple(shape)} in the checkpoint, the architecture needs {want}")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        part = self._slice(name)
+        self._check(name, part.get_shape())
+        return part[:].to(torch.float32)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        part = self._slice(name)
+        self._check(name, part.get_shape())
+        return part[start:stop].to(torch.float32)
+
+
+class RandomWeights(WeightSource):
+    """Seeded initialisation; each tensor (and each 4096-row block of the embedding) has its own seed."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 0):
+        self.spec, self.seed = spec, seed
+        self.description = f"random (seed {seed})"
+
+    def _generator(self, key: str) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.expected_shape(name)
+        if name in (EMBEDDING, LM_HEAD):
+            return self.rows(name, 0, shape[0])
+        if name.endswith("layernorm.weight") or name == FINAL_NORM:
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=self._generator(name)) * INIT_STD
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        vocab, hidden = self.expected_shape(name)
+        stop = min(stop, vocab)
+        blocks = []
+        for b in range(start // _RANDOM_BLOCK_ROWS, (stop - 1) // _RANDOM_BLOCK_ROWS + 1):
+            lo = b * _RANDOM_BLOCK_ROWS
+            n = min(_RANDOM_BLOCK_ROWS, vocab - lo)
+            block = torch.randn(n, hidden, generator=self._generator(f"{name}[{b}]")) * INIT_STD
+            blocks.append(block[max(start - lo, 0):stop - lo])
+        return torch.cat(blocks)
+
+
+def resolve_checkpoint_folder(source: str) -> tuple[Path, str]:
+    """A local folder, or a Hugging Face repo id fetched / found in the cache. Returns (folder, description)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise WeightsError(f"{path} is not a checkpoint folder (no config.json)")
+        return path, str(path.resolve())
+    if source.startswith((".", "/", "~")) or os.sep + os.sep in source or source.count("/") != 1:
+        raise WeightsError(f"{source} is neither an existing folder nor a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.json",
+                "merges.txt", "generation_config.json", "special_tokens_map.json"]
+    try:
+        folder = snapshot_download(source, allow_patterns=patterns)
+    except Exception as e:  # offline, not cached, no such repo, gated
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"cannot get weights for {source} from the Hugging Face Hub or its cache ({reason[:160]}); "
+            f"pass --weights PATH to a local checkpoint folder, or --weights random") from None
+    return Path(folder), f"hf://{source}"
+
+
+def read_hf_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
+
+
+def open_weights(source: str, spec: ModelSpec, seed: int = 0) -> WeightSource:
+    """`random`, a local checkpoint folder or a Hugging Face repo id -> a lazy WeightSource for `spec`."""
+    if source == "random":
+        return RandomWeights(spec, seed)
+    folder, description = resolve_checkpoint_folder(source)
+    config = read_hf_config(folder)
+    _check_config_matches(config, spec, folder)
+    return CheckpointWeights(folder, spec, description)
+
+
+def _check_config_matches(config: dict, spec: ModelSpec, folder: Path) -> None:
+    fields = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+              "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
+              "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads}
+    for key, want in fields.items():
+        if key in config and int(config[key]) != want:
+            raise WeightsError(f"checkpoint {folder} has {key}={config[key]}, but {spec.name} needs {want}")
