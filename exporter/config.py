@@ -1,0 +1,27 @@
+"""`BuildConfig`: every setting of one bundle build, built once from the CLI. Defaults live only here
+(and, for LoRA settings, in `graphs.config.LoraConfig`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graphs.config import LoraConfig
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: str = "qwen2.5-0.5b"  # registry name, local checkpoint folder or Hugging Face repo id
+    backend: str = "executorch"
+    out: Path | None = None  # default: bundles/<model>-<backend>
+    weights: str | None = None  # "random", a folder or a repo id; default: the model's own checkpoint
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: str = "sgd"
+    method: str = "mesp"  # mesp: hand-derived structured backward; mebp: autodiff of the layer
+    vocab_chunk_rows: int = 8192  # embedding/LM-head rows per call
+    mlp_blocks: int = 4  # MLP channel blocks in the structured backward
+    seed: int = 0  # random weights and the initial adapter
+
+
+def default_out(model_name: str, backend: str) -> Path:
+    safe = model_name.strip("/").replace("/", "--")
+    return Path("bundles") / f"{safe}-{backend}"

@@ -1,0 +1,192 @@
+"""A training step as data: the ordered calls an app makes, with what goes in, comes out and is freed.
+
+Store names (the app's tensor store; everything else lives only inside a call):
+    batch.input_ids, batch.labels, lr          step inputs
+    lora.{i}.{module}.lora_A / .lora_B         LoRA parameters (state: live across steps)
+    optim.{i}.step, optim.{i}.exp_avg.{...}    optimizer state (state; adamw only)
+    x.{i}                                      input of layer i (the only activations kept), x.{L} final
+    dy                                         the running gradient w.r.t. the current layer output
+    grad.{i}.{module}.lora_A / .lora_B         LoRA gradients of layer i (freed after its update)
+    embed.acc, head.mu, head.s, head.P, head.T accumulators of the chunked embedding and loss head
+    loss                                       step output
+
+Schedule entries:
+    {"op": "fill", "tensor": NAME, "shape": [...], "dtype": "float32", "value": 0.0 | "-inf"}
+    {"op": "call", "graph": GRAPH_ID, "layer": i | null, "inputs": {input: SOURCE}, "outputs": {output: NAME},
+     "free": [NAME, ...], "memory": {...}}
+SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, or a constant {"value": [...], "dtype": D}.
+
+`train_step`: embedding (chunks) -> layers forward (keeping x.i) -> loss head (chunks, then finish:
+loss and dy) -> for i = L-1..0: layer i backward (dy, grads; x.i freed) then layer i's optimizer
+update right away (exact: no lower layer's backward reads layer i's LoRA tensors) and its grads freed.
+`eval_loss`: the same forward with each x.i freed as soon as the next layer has run, and the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exporter.graph_defs import StepShapes, ident
+
+DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2}
+EMBEDDING_FILE = "weights/embedding.safetensors"
+LM_HEAD_FILE = "weights/lm_head.safetensors"
+FINAL_NORM_FILE = "weights/final_norm.safetensors"
+
+
+def layer_file(i: int) -> str:
+    return f"weights/layer_{i:02d}.safetensors"
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def lora_state_name(layer: int, name: str) -> str:
+    return f"lora.{layer}.{name}"
+
+
+def state_tensors(shapes: StepShapes) -> list[dict]:
+    """Tensors that persist across steps: LoRA parameters (from the adapter) and optimizer state (zeros)."""
+    state = []
+    lora_shapes = shapes.lora.layer_lora_shapes(shapes.spec)
+    for i in range(shapes.spec.num_layers):
+        for name, shape in lora_shapes.items():
+            state.append({"name": lora_state_name(i, name), "shape": list(shape), "dtype": "float32",
+                          "init": {"adapter": peft_tensor_name(i, name)}})
+        if shapes.optimizer == "adamw":
+            state.append({"name": f"optim.{i}.step", "shape": [1], "dtype": "float32", "init": {"fill": 0.0}})
+            for kind in ("exp_avg", "exp_avg_sq"):
+                for name, shape in lora_shapes.items():
+                    state.append({"name": f"optim.{i}.{kind}.{name}", "shape": list(shape), "dtype": "float32",
+                                  "init": {"fill": 0.0}})
+    return state
+
+
+def peft_tensor_name(layer: int, name: str) -> str:
+    """`self_attn.q_proj.lora_A` of layer 3 -> PEFT's saved name `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
+    return f"base_model.model.model.layers.{layer}.{name}.weight"
+
+
+def step_inputs(shapes: StepShapes) -> list[dict]:
+    return [{"name": "batch.input_ids", "shape": list(shapes.tokens), "dtype": "int64"},
+            {"name": "batch.labels", "shape": list(shapes.tokens), "dtype": "int64"},
+            {"name": "lr", "shape": [1], "dtype": "float32"}]
+
+
+@dataclass
+class _Builder:
+    shapes: StepShapes
+    graphs: dict[str, dict]  # graph id -> manifest entry (inputs, outputs, arena_bytes)
+    baked: bool  # frozen layer weights inside per-layer programs (no weight inputs)
+    entries: list[dict] = field(default_factory=list)
+    live: dict[str, int] = field(default_factory=dict)  # store name -> bytes
+
+    def fill(self, name: str, shape, value, dtype: str = "float32") -> None:
+        self.entries.append({"op": "fill", "tensor": name, "shape": list(shape), "dtype": dtype, "value": value})
+        self.live[name] = numel(shape) * DTYPE_BYTES[dtype]
+
+    def call(self, graph: str, layer: int | None, inputs: dict, outputs: dict, free: list[str] = ()) -> None:
+        entry = self.graphs[graph]
+        declared = [t["name"] for t in entry["inputs"]]
+        assert sorted(declared) == sorted(inputs), (graph, set(declared) ^ set(inputs))
+        weight_bytes = sum(numel(t["shape"]) * DTYPE_BYTES[t["dtype"]] for t in entry["inputs"]
+                           if isinstance(inputs[t["name"]], dict) and "file" in inputs[t["name"]])
+        weight_bytes += entry.get("constant_bytes", 0)
+        for t in entry["outputs"]:
+            self.live[outputs[t["name"]]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
+        store = sum(self.live.values())
+        arena = entry.get("arena_bytes")
+        self.entries.append({
+            "op": "call", "graph": graph, "layer": layer, "inputs": inputs,
+            "outputs": {t["name"]: outputs[t["name"]] for t in entry["outputs"]}, "free": list(free),
+            "memory": {"weights_bytes": weight_bytes, "arena_bytes": arena, "store_bytes": store,
+                       "planned_bytes": weight_bytes + (arena or 0) + store},
+        })
+        for name in free:
+            self.live.pop(name, None)
+
+
+def _layer_inputs(shapes: StepShapes, i: int, baked: bool) -> dict:
+    inputs = {} if baked else {ident(n): {"file": layer_file(i), "tensor": n} for n in shapes.spec.layer_weight_shapes()}
+    inputs.update({ident(n): lora_state_name(i, n) for n in shapes.lora_names()})
+    return inputs
+
+
+def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
+    s = b.shapes
+    rows, L = s.chunk_rows, s.spec.num_layers
+    head_file = EMBEDDING_FILE if s.spec.tie_word_embeddings else LM_HEAD_FILE
+    b.fill("embed.acc", s.hidden, 0.0)
+    for c in range(s.num_chunks):
+        last = c == s.num_chunks - 1
+        b.call("embed.embed_chunk", None,
+               {"input_ids": "batch.input_ids", "weight": {"file": EMBEDDING_FILE, "tensor": "weight", "rows": [c * rows, (c + 1) * rows]},
+                "offset": {"value": [c * rows], "dtype": "int64"}, "acc": "embed.acc"},
+               {"acc_out": "x.0" if last else "embed.acc"}, ["embed.acc"] if last else [])
+    for i in range(L):
+        b.call(layer_graph_id("layer_forward", i, b.baked), i, {"x": f"x.{i}", **_layer_inputs(s, i, b.baked)},
+               {"y": f"x.{i + 1}"}, [] if keep_layer_inputs else [f"x.{i}"])
+    for name, value in (("mu", "-inf"), ("s", 0.0), ("P", 0.0), ("T", 0.0)):
+        b.fill(f"head.{name}", s.tokens if name in ("mu", "s") else s.hidden, value)
+    norm = {"file": FINAL_NORM_FILE, "tensor": "weight"}
+    state = {k: f"head.{k}" for k in ("mu", "s", "P", "T")}
+    for c in range(s.num_chunks):
+        b.call("head.head_chunk", None,
+               {"x": f"x.{L}", "norm_weight": norm, "labels": "batch.labels",
+                "weight": {"file": head_file, "tensor": "weight", "rows": [c * rows, (c + 1) * rows]},
+                "offset": {"value": [c * rows], "dtype": "int64"}, **state},
+               {f"{k}_out": v for k, v in state.items()})
+    b.call("head.head_finish", None, {"x": f"x.{L}", "norm_weight": norm, "labels": "batch.labels", **state},
+           {"loss": "loss", "dx": "dy"}, [*state.values(), f"x.{L}"])
+
+
+def layer_program(i: int | None, baked: bool) -> str:
+    """One shared `layer` program, or `layer_XX` per layer when weights are baked in."""
+    return f"layer_{i:02d}" if baked else "layer"
+
+
+def layer_graph_id(kind: str, i: int, baked: bool) -> str:
+    return f"{layer_program(i, baked)}.{kind}"
+
+
+def build_schedules(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) -> dict[str, list[dict]]:
+    """{"train_step": [...], "eval_loss": [...]} for graphs named `<program>.<kind>` (see module docstring)."""
+    def builder() -> _Builder:
+        b = _Builder(shapes, graphs, baked_layers)
+        for t in state_tensors(shapes) + step_inputs(shapes):
+            b.live[t["name"]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
+        return b
+
+    train = builder()
+    _forward(train, keep_layer_inputs=True)
+    names = shapes.lora_names()
+    for i in reversed(range(shapes.spec.num_layers)):
+        grads = {f"grad_{ident(n)}": f"grad.{i}.{n}" for n in names}
+        train.call(layer_graph_id("layer_backward", i, baked_layers), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(shapes, i, baked_layers)},
+                   {"dx": "dy", **grads}, [f"x.{i}"])
+        params = {f"param_{ident(n)}": lora_state_name(i, n) for n in names}
+        news = {f"new_{ident(n)}": lora_state_name(i, n) for n in names}
+        opt_in = {"lr": "lr", **params, **{f"grad_{ident(n)}": f"grad.{i}.{n}" for n in names}}
+        if shapes.optimizer == "adamw":
+            for kind in ("exp_avg", "exp_avg_sq"):
+                opt_in.update({f"{kind}_{ident(n)}": f"optim.{i}.{kind}.{n}" for n in names})
+                news.update({f"new_{kind}_{ident(n)}": f"optim.{i}.{kind}.{n}" for n in names})
+            opt_in["step"] = f"optim.{i}.step"
+            news["step_out"] = f"optim.{i}.step"
+        train.call("optimizer.optimizer", i, opt_in, news, [f"grad.{i}.{n}" for n in names])
+    train.entries[-1]["free"].append("dy")
+
+    evaluate = builder()
+    _forward(evaluate, keep_layer_inputs=False)
+    evaluate.entries[-1]["free"].append("dy")
+    return {"train_step": train.entries, "eval_loss": evaluate.entries}
+
+
+def peak_memory(schedule: list[dict]) -> dict:
+    """The call with the largest planned bytes (weights + arena + live store)."""
+    calls = [(k, e) for k, e in enumerate(schedule) if e["op"] == "call"]
+    k, e = max(calls, key=lambda ke: ke[1]["memory"]["planned_bytes"])
+    return {"peak_planned_bytes": e["memory"]["planned_bytes"], "peak_call_index": k, "peak_call_graph": e["graph"]}

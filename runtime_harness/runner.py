@@ -1,0 +1,165 @@
+"""Replay a bundle's schedule through a runtime, exactly as an app would.
+
+The schedule is data (see `exporter.schedule`); this interpreter knows three things only:
+  * `fill` entries create a tensor in the store;
+  * `call` entries gather inputs (store tensors, weights read from the bundle's safetensors files one
+    call at a time, constants), cast them to the dtypes the graph declares, run the graph through the
+    backend's runtime, write the outputs to the store, and drop the tensors named in `free`;
+  * state tensors (LoRA parameters, optimizer state) persist across steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from safetensors import safe_open
+
+from exporter.backends import get_backend
+from exporter.backends.base import GraphFn
+
+NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
+
+
+class BundleError(ValueError):
+    """A bundle, batch or adapter that cannot be used; the message is one line for the user."""
+
+
+def load_manifest(bundle: Path) -> dict:
+    path = Path(bundle) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a bundle (no manifest.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from None
+
+
+@dataclass
+class CallRecord:
+    index: int
+    graph: str
+    layer: int | None
+    seconds: float
+    store_bytes: int  # live store tensors after the call's outputs exist, before frees
+    weights_bytes: int  # weights read from files for this call
+
+
+@dataclass
+class StepTrace:
+    calls: list[CallRecord] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.calls)
+
+
+class BundleRunner:
+    """Runs a bundle's graphs with the runtime of its backend (Core ML raises RuntimeUnavailable off macOS)."""
+
+    def __init__(self, bundle: Path, runtime: str | None = None):
+        self.bundle = Path(bundle)
+        self.manifest = load_manifest(self.bundle)
+        backend = self.manifest["backend"]
+        if runtime is not None and runtime != backend:
+            raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
+                              f"(build it with --backend {runtime})")
+        self.backend = get_backend(backend)
+        self._fns: dict[str, GraphFn] = {}
+
+    # -- graphs
+    def graph_fn(self, graph_id: str) -> GraphFn:
+        if graph_id not in self._fns:
+            self._fns[graph_id] = self.backend.load(self.bundle, self.manifest["graphs"][graph_id])
+        return self._fns[graph_id]
+
+    def load_all(self) -> None:
+        """Load every graph the schedules use (so timing and memory exclude loading)."""
+        for gid in self.manifest["graphs"]:
+            self.graph_fn(gid)
+
+    # -- state
+    def initial_state(self, adapter_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """State tensors: LoRA parameters from PEFT-named adapter tensors, optimizer state filled."""
+        store = {}
+        for t in self.manifest["state"]:
+            init = t["init"]
+            if "adapter" in init:
+                if init["adapter"] not in adapter_tensors:
+                    raise BundleError(f"adapter lacks {init['adapter']}")
+                value = np.asarray(adapter_tensors[init["adapter"]], dtype=NP_DTYPES[t["dtype"]])
+                if list(value.shape) != t["shape"]:
+                    raise BundleError(f"adapter tensor {init['adapter']} has shape {list(value.shape)}, "
+                                      f"the bundle needs {t['shape']} (another rank or model?)")
+                store[t["name"]] = value.copy()
+            else:
+                store[t["name"]] = np.full(t["shape"], float(init["fill"]), dtype=NP_DTYPES[t["dtype"]])
+        return store
+
+    # -- one schedule
+    def _weight(self, source: dict, cache: dict) -> np.ndarray:
+        path = self.bundle / source["file"]
+        if path not in cache:
+            cache.clear()  # one weight file open at a time, as a phone would
+            cache[path] = safe_open(str(path), framework="numpy")
+        handle = cache[path]
+        if "rows" in source:
+            a, b = source["rows"]
+            return handle.get_slice(source["tensor"])[a:b]
+        return handle.get_tensor(source["tensor"])
+
+    def run(self, schedule: str, store: dict[str, np.ndarray], on_call: Callable[[CallRecord], None] | None = None,
+            keep: Callable[[str], bool] | None = None) -> StepTrace:
+        """Interpret `schedules[schedule]` on `store` (modified in place). Returns per-call timings.
+
+        `keep(name)` True keeps a tensor the schedule would free (e.g. LoRA gradients, to compare them)."""
+        trace = StepTrace()
+        files: dict = {}
+        for index, entry in enumerate(self.manifest["schedules"][schedule]):
+            if entry["op"] == "fill":
+                store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
+                continue
+            graph = self.manifest["graphs"][entry["graph"]]
+            args, weight_bytes = [], 0
+            for spec in graph["inputs"]:
+                source = entry["inputs"][spec["name"]]
+                if isinstance(source, str):
+                    value = store[source]
+                elif "file" in source:
+                    value = self._weight(source, files)
+                    weight_bytes += value.nbytes
+                else:
+                    value = np.asarray(source["value"])
+                args.append(np.ascontiguousarray(value, dtype=NP_DTYPES[spec["dtype"]]))
+            fn = self.graph_fn(entry["graph"])
+            t0 = time.perf_counter()
+            outputs = fn(args)
+            seconds = time.perf_counter() - t0
+            del args
+            for spec, value in zip(graph["outputs"], outputs):
+                store[entry["outputs"][spec["name"]]] = value
+            record = CallRecord(index, entry["graph"], entry.get("layer"), seconds,
+                                sum(v.nbytes for v in store.values()), weight_bytes)
+            for name in entry["free"]:
+                if keep is None or not keep(name):
+                    store.pop(name, None)
+            trace.calls.append(record)
+            if on_call is not None:
+                on_call(record)
+        files.clear()
+        return trace
+
+    def step(self, store: dict[str, np.ndarray], input_ids: np.ndarray, labels: np.ndarray, lr: float,
+             schedule: str = "train_step", on_call=None, keep=None) -> tuple[float, StepTrace]:
+        """One schedule run on a batch; returns (loss, trace). State in `store` is updated in place."""
+        store["batch.input_ids"] = np.asarray(input_ids, dtype=np.int64)
+        store["batch.labels"] = np.asarray(labels, dtype=np.int64)
+        store["lr"] = np.asarray([lr], dtype=np.float32)
+        trace = self.run(schedule, store, on_call, keep)
+        loss = float(np.asarray(store.pop("loss")).reshape(-1)[0])
+        for name in ("batch.input_ids", "batch.labels", "lr"):
+            store.pop(name, None)
+        return loss, trace
