@@ -31,6 +31,7 @@ from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.cache import ArtifactCache, code_digest
 from exporter.config import BuildConfig, default_out
+from exporter.manifest import validate as validate_manifest
 from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
                               resolve_checkpoint_folder)
@@ -251,6 +252,7 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
         manifest["files"] = {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                              for p in bundle_files(stage)}
         manifest["build_seconds"] = round(time.time() - t0, 2)
+        validate_manifest(manifest)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _publish(stage, r.out)
     except BaseException:

@@ -29,13 +29,21 @@ class BundleError(ValueError):
 
 
 def load_manifest(bundle: Path) -> dict:
+    """Read and validate `bundle/manifest.json` (schema and schedule data flow)."""
+    from exporter.manifest import ManifestError, validate
+
     path = Path(bundle) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{bundle} is not a bundle (no manifest.json)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"cannot read {path}: {e}") from None
+    try:
+        validate(manifest)
+    except ManifestError as e:
+        raise BundleError(f"{bundle}: {e}") from None
+    return manifest
 
 
 @dataclass
