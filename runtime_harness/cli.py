@@ -34,6 +34,22 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", type=Path, help="PEFT adapter folder (default: the bundle's initial adapter)")
     g.add_argument("--runtime", choices=RUNTIMES)
     g.add_argument("--out", type=Path, required=True)
+
+    t = sub.add_parser("train", help="fine-tune through the exported graphs; loss curve + PEFT adapter")
+    t.add_argument("bundle", type=Path)
+    t.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--lr", type=float, help="learning rate (default: 1e-2 for sgd, 1e-3 for adamw)")
+    t.add_argument("--adapter", type=Path, help="start from this PEFT adapter (default: the bundle's)")
+    t.add_argument("--runtime", choices=RUNTIMES)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, help="default: runs/<bundle name>-train")
+
+    m = sub.add_parser("memory", help="planned and measured memory per call of one step, with a timeline plot")
+    m.add_argument("bundle", type=Path)
+    m.add_argument("--runtime", choices=RUNTIMES)
+    m.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"))
+    m.add_argument("--out", type=Path, help="default: runs/<bundle name>-memory")
     return p
 
 
@@ -102,7 +118,51 @@ def run_grads(args) -> int:
     return 0
 
 
-COMMANDS = {"verify": run_verify, "grads": run_grads}
+def run_train(args) -> int:
+    from runtime_harness.train import train
+
+    try:
+        text = args.data.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        from runtime_harness.runner import BundleError
+        raise BundleError(f"cannot read text from {args.data}: {e}") from None
+    adapter = _read_adapter(args.adapter, args.bundle) if args.adapter else None
+    out = args.out or Path("runs") / f"{args.bundle.name}-train"
+    result = train(args.bundle, text, args.steps, out, args.lr, args.runtime, adapter, args.seed,
+                   progress=sys.stderr.isatty())
+    losses = result["losses"]
+    print(f"{len(losses)} steps over {result['windows']} windows, lr {result['lr']:g}: loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f}; median step {sorted(result['step_seconds'])[len(losses) // 2]:.3f}s")
+    print(f"loss curve: {out / 'loss.csv'}, {out / 'loss.png'}; adapter (PEFT): {result['adapter']}")
+    return 0
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def run_memory(args) -> int:
+    from runtime_harness.memory import measure, plot_timeline
+
+    report = measure(args.bundle, args.runtime, args.schedule)
+    out = args.out or Path("runs") / f"{args.bundle.name}-memory"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(report, indent=1))
+    plot_timeline({report["method"]: report}, out / "memory.png",
+                  f"{args.bundle.name}: memory per call ({args.schedule})")
+    print(f"{'call':>4} {'graph':<26} {'layer':>5} {'weights MB':>10} {'arena MB':>9} {'live MB':>8} "
+          f"{'planned MB':>10} {'measured MB':>11}")
+    for c in report["calls"]:
+        print(f"{c['index']:>4} {c['graph']:<26} {'' if c['layer'] is None else c['layer']:>5} "
+              f"{_mb(c['weights_bytes']):>10} {_mb(c['arena_bytes']):>9} {_mb(c['store_bytes']):>8} "
+              f"{_mb(c['planned_bytes']):>10} {_mb(c['measured_bytes']):>11}")
+    print(f"peak planned {_mb(report['peak_planned_bytes'])} MB ({report['peak_planned_call']}); "
+          f"peak measured {_mb(report['peak_measured_bytes'])} MB; step {report['step_seconds']:.2f}s")
+    print(f"timeline: {out / 'memory.png'}; figures: {out / 'memory.json'}")
+    return 0
+
+
+COMMANDS = {"verify": run_verify, "grads": run_grads, "train": run_train, "memory": run_memory}
 
 
 def main(argv: list[str] | None = None) -> int:
