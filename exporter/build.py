@@ -172,8 +172,9 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
     for program, make in bar:
         bar.set_postfix_str(program)
         baked_layer = program.startswith("layer_")
-        key = cache.key({"backend": backend.name, "program": program if not baked_layer else "layer_baked",
-                         "layer": program if baked_layer else None, "shapes": _shapes_dict(r.shapes),
+        kind = "layer" if baked_layer else program
+        key = cache.key({"backend": backend.name, "program": kind, "layer": program if baked_layer else None,
+                         "settings": _program_settings(r.shapes, kind),
                          "weights": _weights_identity(r) if baked_layer else None, "code": code})
         lowered = cache.fetch_program(key, stage)
         if lowered is None:
@@ -189,9 +190,16 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
     return graphs
 
 
-def _shapes_dict(s: gd.StepShapes) -> dict:
-    return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "optimizer": s.optimizer,
-            "vocab_chunk_rows": s.vocab_chunk_rows, "mlp_blocks": s.mlp_blocks}
+def _program_settings(s: gd.StepShapes, kind: str) -> dict:
+    """What determines a program's graphs (so that changing e.g. the method re-lowers only the layer program)."""
+    common = {"tokens": s.tokens, "hidden": s.spec.hidden_size}
+    if kind == "embed":
+        return {**common, "chunk_rows": s.chunk_rows}
+    if kind == "head":
+        return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps}
+    if kind == "optimizer":
+        return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}
+    return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks}
 
 
 def _copy_tokenizer(r: Resolved, stage: Path) -> bool:

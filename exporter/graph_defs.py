@@ -142,6 +142,24 @@ class LayerBackward(_WeightsMixin):
         return (dx, *[grads[n] for n in s.lora_names()])
 
 
+class AutodiffTraced(torch.nn.Module):
+    """A module whose forward runs torch.autograd, flattened into a plain aten graph by `make_fx`.
+
+    torch.export (non-strict) cannot trace `torch.autograd.grad` through ops whose backward reads their
+    own output (rsqrt, softmax, exp): the saved output becomes a bogus lifted constant. make_fx traces
+    what the autograd engine actually runs, and torch.export then sees only aten ops.
+    """
+
+    def __init__(self, inner: torch.nn.Module, example_inputs: tuple[Tensor, ...]):
+        super().__init__()
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self.graph_module = make_fx(inner, tracing_mode="real")(*example_inputs)
+
+    def forward(self, *args):
+        return tuple(self.graph_module(*args))
+
+
 class HeadChunk(torch.nn.Module):
     def __init__(self, shapes: StepShapes):
         super().__init__()
@@ -207,9 +225,12 @@ def layer_forward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = 
 
 def layer_backward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None) -> GraphDef:
     frozen = [] if weights is not None else layer_weight_inputs(shapes)
-    return GraphDef("layer_backward", LayerBackward(shapes, weights),
-                    [TensorSpec("x", shapes.hidden), TensorSpec("dy", shapes.hidden), *frozen, *lora_inputs(shapes)],
-                    [TensorSpec("dx", shapes.hidden), *lora_inputs(shapes, "grad_")], weights or {})
+    graph = GraphDef("layer_backward", LayerBackward(shapes, weights),
+                     [TensorSpec("x", shapes.hidden), TensorSpec("dy", shapes.hidden), *frozen, *lora_inputs(shapes)],
+                     [TensorSpec("dx", shapes.hidden), *lora_inputs(shapes, "grad_")], weights or {})
+    if shapes.method == "mebp":
+        graph.module = AutodiffTraced(graph.module, graph.example_inputs())
+    return graph
 
 
 def head_state_specs(shapes: StepShapes, suffix: str = "") -> list[TensorSpec]:

@@ -1,0 +1,47 @@
+"""Helpers shared by the tests: the tiny architecture, random tensors, and real HF checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from graphs.config import LoraConfig, ModelSpec
+
+
+def tiny_spec(**overrides) -> ModelSpec:
+    """2 layers, 4 heads over 2 kv heads (GQA), tied embeddings, vocab 320 (>= 256 for byte-level text)."""
+    fields = dict(name="tiny-qwen2", hf_repo=None, vocab_size=320, hidden_size=64, intermediate_size=96,
+                  num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def random_layer_weights(spec: ModelSpec, dtype=torch.float64, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Frozen tensors of one layer; norms around 1 so that RMSNorm's weight matters."""
+    out = {}
+    for name, shape in spec.layer_weight_shapes().items():
+        t = torch.randn(shape, dtype=dtype) * scale
+        out[name] = 1.0 + t if name.endswith("layernorm.weight") else t
+    return out
+
+
+def random_lora(spec: ModelSpec, lora: LoraConfig, dtype=torch.float64, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """NONZERO LoRA A and B (B = 0, PEFT's default, would hide every bug in dA)."""
+    return {n: torch.randn(s, dtype=dtype) * scale for n, s in lora.layer_lora_shapes(spec).items()}
+
+
+def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0):
+    """A real `transformers` Qwen2ForCausalLM of `spec`, saved to `folder` with safetensors; returns the model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(**{k: v for k, v in spec.to_hf_config().items()
+                                         if k not in ("model_type", "architectures")})
+    config._attn_implementation = "eager"
+    model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # nonzero biases and non-unit norms, so that loading them wrongly shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model
