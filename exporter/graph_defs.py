@@ -152,9 +152,13 @@ class AutodiffTraced(torch.nn.Module):
 
     def __init__(self, inner: torch.nn.Module, example_inputs: tuple[Tensor, ...]):
         super().__init__()
+        from torch._decomp import core_aten_decompositions
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        self.graph_module = make_fx(inner, tracing_mode="real")(*example_inputs)
+        # Decompose backward-only ops (e.g. _softmax_backward_data) into core ATen, which every
+        # runtime's kernel library covers.
+        self.graph_module = make_fx(inner, decomposition_table=core_aten_decompositions(),
+                                    tracing_mode="real")(*example_inputs)
 
     def forward(self, *args):
         return tuple(self.graph_module(*args))
