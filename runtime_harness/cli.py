@@ -79,13 +79,14 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
 
 def run_verify(args) -> int:
     from runtime_harness import verify as V
-    from runtime_harness.coreml_check import verify_coreml_offline, coreml_runs_here
     from runtime_harness.runner import load_manifest
 
     manifest = load_manifest(args.bundle)
     adapter = _read_adapter(args.adapter, args.bundle) if args.adapter else None
     report_path = args.report or args.bundle.parent / f"{args.bundle.name}-verify" / "report.json"
-    if manifest["backend"] == "coreml" and not coreml_runs_here():
+    if manifest["backend"] == "coreml" and sys.platform != "darwin":
+        from runtime_harness.coreml_check import verify_coreml_offline
+
         report = verify_coreml_offline(args.bundle, manifest)
         print("\n".join(report["lines"]))
     else:
