@@ -126,9 +126,14 @@ class EmbedChunk(torch.nn.Module):
 
 
 class LayerForward(_WeightsMixin):
+    """mesp: attention by kv group and MLP by channel block (same y, smaller arena); mebp: the plain layer."""
+
     def forward(self, x, *rest):
         weights, lora = self.split(rest)
-        return (qwen2.decoder_layer_forward(x, weights, lora, self.shapes.spec, self.shapes.lora.scale),)
+        s = self.shapes
+        if s.method == "mebp":
+            return (qwen2.decoder_layer_forward(x, weights, lora, s.spec, s.lora.scale),)
+        return (qwen2.decoder_layer_forward_structured(x, weights, lora, s.spec, s.lora.scale, s.mlp_blocks),)
 
 
 class LayerBackward(_WeightsMixin):

@@ -247,6 +247,82 @@ def _blocks(n: int, parts: int) -> list[slice]:
     return [slice(edges[i], edges[i + 1]) for i in range(parts)]
 
 
+def _heads(t: Tensor, n: int, D: int) -> Tensor:
+    """(B, S, n*D) -> (B, n, S, D)."""
+    return t.view(t.shape[0], t.shape[1], n, D).transpose(1, 2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """(B, n, S, D) -> (B, S, n*D)."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def _attention_by_group(x: Tensor, W: dict[str, Tensor], lora: dict[str, Tensor], spec: ModelSpec, scale: float,
+                        cos: Tensor, sin: Tensor, mask: Tensor):
+    """h1 = x + o_proj(attention(RMSNorm(x))), computed one kv-head group at a time.
+
+    Group j owns q rows Jq = [j*g*D, (j+1)*g*D) and k/v rows Jk = [j*D, (j+1)*D); its probabilities p
+    (B, g, S, S) and output exist only inside the loop. Returns (h1, q/k/v row-block projections,
+    roped q per group (B, g, S, D), roped k and v per group (B, S, D)).
+    """
+    nh, nkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    g = nh // nkv
+    a = rms_norm(x, W["input_layernorm.weight"], spec.rms_norm_eps)
+    proj = {name: _RowBlockLora(a, W[f"self_attn.{name}_proj.weight"], W[f"self_attn.{name}_proj.bias"],
+                                *_lora_pair(lora, f"self_attn.{name}_proj"), scale) for name in ("q", "k", "v")}
+    Ao, Bo = _lora_pair(lora, "self_attn.o_proj")
+    qs, ks, vs = [], [], []
+    o_out = ho = None
+    for j in range(nkv):
+        Jq, Jk = slice(j * g * D, (j + 1) * g * D), slice(j * D, (j + 1) * D)
+        q = apply_rope(_heads(proj["q"].forward(Jq), g, D), cos, sin)  # (B, g, S, D)
+        k = apply_rope(_heads(proj["k"].forward(Jk), 1, D), cos, sin)[:, 0]  # (B, S, D)
+        v = _heads(proj["v"].forward(Jk), 1, D)[:, 0]  # (B, S, D)
+        o = _merge(attention_probs(q, k.unsqueeze(1), mask) @ v.unsqueeze(1))  # (B, S, g*D)
+        part = o @ W["self_attn.o_proj.weight"][:, Jq].T
+        o_out = part if o_out is None else o_out + part
+        if Ao is not None:
+            hpart = o @ Ao[:, Jq].T
+            ho = hpart if ho is None else ho + hpart
+        qs.append(q), ks.append(k), vs.append(v)
+        del o, part
+    if Ao is not None:
+        o_out = o_out + scale * (ho @ Bo.T)
+    return x + o_out, proj, qs, ks, vs
+
+
+def _mlp_by_block(m: Tensor, W: dict[str, Tensor], lora: dict[str, Tensor], spec: ModelSpec, scale: float,
+                  mlp_blocks: int) -> Tensor:
+    """down(silu(gate(m)) * up(m)), one block J of intermediate channels at a time:
+    sum_J act_J Wd[:, J]^T + s (sum_J act_J Ad[:, J]^T) Bd^T."""
+    gate = _RowBlockLora(m, W["mlp.gate_proj.weight"], None, *_lora_pair(lora, "mlp.gate_proj"), scale)
+    up = _RowBlockLora(m, W["mlp.up_proj.weight"], None, *_lora_pair(lora, "mlp.up_proj"), scale)
+    Wd = W["mlp.down_proj.weight"]
+    Ad, Bd = _lora_pair(lora, "mlp.down_proj")
+    out = hd = None
+    for J in _blocks(spec.intermediate_size, mlp_blocks):
+        act = F.silu(gate.forward(J)) * up.forward(J)  # (B, S, |J|)
+        part = act @ Wd[:, J].T
+        out = part if out is None else out + part
+        if Ad is not None:
+            hpart = act @ Ad[:, J].T
+            hd = hpart if hd is None else hd + hpart
+        del act, part
+    if Ad is not None:
+        out = out + scale * (hd @ Bd.T)
+    return out
+
+
+def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
+                                     spec: ModelSpec, scale: float, mlp_blocks: int = 4) -> Tensor:
+    """The same y as `decoder_layer_forward`, with attention one kv group and the MLP one channel block
+    at a time, so no (B, nh, S, S) or (B, S, I) tensor exists at once."""
+    cos, sin = rope_cos_sin(x.shape[1], spec.head_dim, spec.rope_theta, x.dtype)
+    h1 = _attention_by_group(x, weights, lora, spec, scale, cos, sin, causal_mask(x.shape[1]))[0]
+    m = rms_norm(h1, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
+    return h1 + _mlp_by_block(m, weights, lora, spec, scale, mlp_blocks)
+
+
 def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
                            spec: ModelSpec, scale: float, mlp_blocks: int = 4
                            ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -269,38 +345,11 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
     cos, sin = rope_cos_sin(S, D, spec.rope_theta, x.dtype)
     mask = causal_mask(S)
 
-    def heads(t: Tensor, n: int) -> Tensor:  # (B, S, n*D) -> (B, n, S, D)
-        return t.view(B, S, n, D).transpose(1, 2)
-
-    def merge(t: Tensor) -> Tensor:  # (B, n, S, D) -> (B, S, n*D)
-        return t.transpose(1, 2).reshape(B, S, -1)
-
-    # 1. attention forward, per kv group j: q rows Jq = [j*g*D, (j+1)*g*D), k/v rows Jk = [j*D, (j+1)*D)
-    a = rms_norm(x, W["input_layernorm.weight"], eps)
-    proj = {name: _RowBlockLora(a, W[f"self_attn.{name}_proj.weight"], W[f"self_attn.{name}_proj.bias"],
-                                *_lora_pair(lora, f"self_attn.{name}_proj"), scale) for name in ("q", "k", "v")}
+    # 1. attention forward, per kv group (keeps roped q, k, v and the q/k/v projections' LoRA h)
+    h1, proj, qs, ks, vs = _attention_by_group(x, W, lora, spec, scale, cos, sin, mask)
     Jq = [slice(j * g * D, (j + 1) * g * D) for j in range(nkv)]
     Jk = [slice(j * D, (j + 1) * D) for j in range(nkv)]
-    qs, ks, vs = [], [], []
-    o_out = None
     Ao, Bo = _lora_pair(lora, "self_attn.o_proj")
-    ho = None
-    for j in range(nkv):
-        q = apply_rope(heads(proj["q"].forward(Jq[j]), g), cos, sin)  # (B, g, S, D)
-        k = apply_rope(heads(proj["k"].forward(Jk[j]), 1), cos, sin)[:, 0]  # (B, S, D)
-        v = heads(proj["v"].forward(Jk[j]), 1)[:, 0]  # (B, S, D)
-        o = merge(attention_probs(q, k.unsqueeze(1), mask) @ v.unsqueeze(1))  # (B, S, g*D)
-        part = o @ W["self_attn.o_proj.weight"][:, Jq[j]].T
-        o_out = part if o_out is None else o_out + part
-        if Ao is not None:
-            hpart = o @ Ao[:, Jq[j]].T
-            ho = hpart if ho is None else ho + hpart
-        qs.append(q), ks.append(k), vs.append(v)
-        del o, part
-    if Ao is not None:
-        o_out = o_out + scale * (ho @ Bo.T)
-    h1 = x + o_out
-    del o_out, ho
 
     # 2. MLP forward + backward, one block of intermediate channels at a time
     m = rms_norm(h1, W["post_attention_layernorm.weight"], eps)
@@ -329,11 +378,11 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
     o_proj = _ColBlockLora(dh1, W["self_attn.o_proj.weight"], Ao, Bo, scale)
     for j in range(nkv):
         q, k, v = qs[j], ks[j], vs[j]
-        o = merge(attention_probs(q, k.unsqueeze(1), mask) @ v.unsqueeze(1))  # (B, S, g*D)
-        do = heads(o_proj.backward(Jq[j], o), g)  # (B, g, S, D)
+        o = _merge(attention_probs(q, k.unsqueeze(1), mask) @ v.unsqueeze(1))  # (B, S, g*D)
+        do = _heads(o_proj.backward(Jq[j], o), g, D)  # (B, g, S, D)
         del o
         dq, dk, dv = causal_attention_backward(q, k, v, do)
-        proj["q"].backward(Jq[j], merge(apply_rope_backward(dq, cos, sin)))
+        proj["q"].backward(Jq[j], _merge(apply_rope_backward(dq, cos, sin)))
         proj["k"].backward(Jk[j], apply_rope_backward(dk, cos, sin))
         proj["v"].backward(Jk[j], dv)
         qs[j] = ks[j] = vs[j] = None

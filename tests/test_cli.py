@@ -1,0 +1,110 @@
+"""The command lines: registry listing, and bad input as one line with exit code 2 and nothing written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.cli import main as exporter_main
+from runtime_harness.cli import main as harness_main
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_list_models_prints_the_papers_lora_counts(capsys):
+    assert exporter_main(["list-models"]) == 0
+    out = capsys.readouterr().out
+    for name, layers, hidden, total, lora in [("qwen2.5-0.5b", 24, 896, "494,032,768", "4,399,104"),
+                                              ("qwen2.5-1.5b", 28, 1536, "1,543,714,304", "9,232,384"),
+                                              ("qwen2.5-3b", 36, 2048, "3,085,938,688", "14,966,784")]:
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        assert line.split()[2:] == [str(layers), str(hidden), total, lora]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama-9b", "--backend", "ort"], "unknown model 'llama-9b'; choose from qwen2.5-0.5b"),
+    (["--model", "qwen2.5-0.5b", "--backend", "tflite"], "invalid choice: 'tflite'"),
+    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--lora-rank", "200"],
+     "LoRA rank 200 is larger than the smallest adapted dimension (128)"),
+    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--seq-len", "0"],
+     "sequence length must be at least 2"),
+    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--lora-targets", "q,zz"],
+     "unknown LoRA target(s) ['zz']"),
+    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "/nonexistent/ckpt"],
+     "neither an existing folder nor a Hugging Face repo id"),
+])
+def test_build_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(exporter_main, ["build", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _exit_code(main, argv) -> int:
+    """main's return value, or the code of the SystemExit argparse raises on bad flags."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_offline_registry_model_names_both_ways_out(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert exporter_main(["build", "--model", "qwen2.5-0.5b", "--backend", "ort", "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys)
+    assert "--weights PATH" in line and "--weights random" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_mismatched_checkpoint_and_unwritable_output(tiny_checkpoint, capsys, tmp_path):
+    # the tiny checkpoint is not a Qwen2.5-0.5B
+    assert exporter_main(["build", "--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", str(tiny_checkpoint),
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "vocab_size=320, but qwen2.5-0.5b needs 151936" in _one_error_line(capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert exporter_main(["build", "--model", str(tiny_checkpoint), "--backend", "ort", "--out", str(blocker / "b")]) == 2
+    assert "cannot write to" in _one_error_line(capsys)
+    # a folder that is not a bundle is never replaced
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    assert exporter_main(["build", "--model", str(tiny_checkpoint), "--backend", "ort", "--out", str(precious)]) == 2
+    assert "is not a bundle; refusing to replace it" in _one_error_line(capsys)
+    assert (precious / "notes.txt").read_text() == "mine"
+
+
+def test_unreadable_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{not json")
+    assert exporter_main(["build", "--model", str(ckpt), "--backend", "ort", "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in _one_error_line(capsys)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert exporter_main(["build", "--model", str(ckpt), "--backend", "ort", "--out", str(tmp_path / "o")]) == 2
+    assert "model_type 'llama' is not supported" in _one_error_line(capsys)
+
+
+def test_harness_rejects_a_folder_that_is_not_a_bundle(tmp_path, capsys):
+    assert harness_main(["verify", str(tmp_path)]) == 2
+    assert "is not a bundle" in _one_error_line(capsys)
+
+
+def test_module_entry_points_exit_2_without_traceback(tmp_path):
+    for module in ("exporter", "runtime_harness"):
+        argv = ["build", "--model", "nope", "--backend", "ort"] if module == "exporter" else ["verify", str(tmp_path)]
+        proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
