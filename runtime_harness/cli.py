@@ -50,6 +50,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--runtime", choices=RUNTIMES)
     m.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"))
     m.add_argument("--out", type=Path, help="default: runs/<bundle name>-memory")
+
+    b = sub.add_parser("bench", help="MeSP vs MeBP vs autograd vs MeZO side by side: memory, time, gradients, plots")
+    b.add_argument("--model", required=True, help="registry name or checkpoint folder")
+    b.add_argument("--runtime", choices=("ort", "executorch"), default="executorch")
+    b.add_argument("--methods", default="mesp,mebp,autograd,mezo")
+    b.add_argument("--seq-len", type=int, default=256)
+    b.add_argument("--weights", help="'random', a checkpoint folder or repo id (default: random for registry "
+                                      "models, a checkpoint folder's own weights)")
+    b.add_argument("--steps", type=int, default=3, help="timed steps per method (after one warm-up)")
+    b.add_argument("--convergence-steps", type=int, default=150, help="0 skips the convergence run")
+    b.add_argument("--out", type=Path, help="default: runs/bench-<model>-<runtime>")
     return p
 
 
@@ -163,7 +174,27 @@ def run_memory(args) -> int:
     return 0
 
 
-COMMANDS = {"verify": run_verify, "grads": run_grads, "train": run_train, "memory": run_memory}
+def run_bench(args) -> int:
+    from exporter.build import BuildError
+    from runtime_harness.bench import bench
+    from runtime_harness.runner import BundleError
+
+    from exporter.registry import MODELS
+
+    out = args.out or Path("runs") / f"bench-{Path(args.model).name}-{args.runtime}"
+    weights = args.weights or ("random" if args.model in MODELS else None)
+    try:
+        bench(args.model, args.runtime, [m.strip() for m in args.methods.split(",") if m.strip()], args.seq_len, out,
+              args.steps, weights, convergence_steps=args.convergence_steps,
+              say=lambda s: print(s, flush=True))
+    except BuildError as e:
+        raise BundleError(str(e)) from None
+    print(f"results: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'memory_per_call.png'}"
+          + (f", {out / 'convergence.png'}" if args.convergence_steps else ""))
+    return 0
+
+
+COMMANDS = {"verify": run_verify, "grads": run_grads, "train": run_train, "memory": run_memory, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,292 @@
+"""Side-by-side benchmark: MeSP against MeBP, plain autograd and MeZO, on the same model, batch and LoRA init.
+
+1. bundles: the model exported with `--method mesp` and `--method mebp` for one runtime (cached builds);
+2. each method runs in its own fresh subprocess (`python -m runtime_harness.bench`): load, take the
+   RSS baseline, then a warm-up step and `steps` timed steps; peak RSS above the baseline is the
+   measured memory; the LoRA gradient of the first step is saved for the gradient-quality check:
+     mesp, mebp  the bundle's `train_step` schedule through the runtime (SGD);
+     autograd    transformers + peft, eager PyTorch, whole-model backward (SGD);
+     mezo        SPSA on the LoRA tensors through the bundle's `eval_loss` schedule: two forward passes
+                 per step with a seeded perturbation z, g = (L(t + eps z) - L(t - eps z)) / (2 eps) z;
+3. gradient quality: cosine between each method's gradient and autograd's (the exact one);
+4. convergence: a tiny model trained on real text with mesp and with mezo; loss curves in one PNG;
+5. memory per call of one step for mesp and mebp on one figure;
+6. bench.json + bench.md (ratios to autograd and to mebp), all from this one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime_harness.runner import BundleError, BundleRunner
+
+METHODS = ("mesp", "mebp", "autograd", "mezo")
+MEZO_EPS = 1e-3
+MEZO_LR = 1e-5  # larger rates diverge: the estimate's variance grows with the number of LoRA parameters
+
+
+# ----------------------------------------------------------------------------- worker (subprocess)
+
+def _rss() -> dict[str, int]:
+    from runtime_harness.memory import _proc_status
+
+    return _proc_status()
+
+
+def _flat(grads: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(grads[n], dtype=np.float64).ravel() for n in names])
+
+
+def _mezo_step(runner: BundleRunner, store: dict, lora_names: list[tuple[str, str]], ids, labels, lr: float,
+               seed: int) -> tuple[float, dict[str, np.ndarray]]:
+    """One MeZO step (in-place perturbations regenerated from `seed`); returns (loss, gradient estimate)."""
+    def perturb(scale: float) -> None:
+        rng = np.random.default_rng(seed)
+        for state_name, _ in lora_names:
+            store[state_name] += np.float32(scale) * rng.standard_normal(store[state_name].shape, dtype=np.float32)
+
+    perturb(+MEZO_EPS)
+    loss_plus, _ = runner.step(store, ids, labels, 0.0, schedule="eval_loss")
+    perturb(-2 * MEZO_EPS)
+    loss_minus, _ = runner.step(store, ids, labels, 0.0, schedule="eval_loss")
+    perturb(+MEZO_EPS)
+    projected = (loss_plus - loss_minus) / (2 * MEZO_EPS)
+    rng = np.random.default_rng(seed)
+    grads = {}
+    for state_name, peft_name in lora_names:
+        z = rng.standard_normal(store[state_name].shape, dtype=np.float32)
+        grads[peft_name] = projected * z
+        store[state_name] -= np.float32(lr * projected) * z
+    return (loss_plus + loss_minus) / 2, grads
+
+
+def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_out: Path) -> dict:
+    """Runs in a fresh process; prints nothing but returns the measurements."""
+    import gc
+
+    from runtime_harness.memory import _reset_peak
+    from runtime_harness.verify import nonzero_adapter, seeded_batch
+
+    runner = BundleRunner(bundle)
+    manifest = runner.manifest
+    adapter = nonzero_adapter(manifest, seed)
+    ids, labels = seeded_batch(manifest, seed)
+    names = sorted(adapter)
+    if method == "autograd":
+        import peft  # noqa: F401  (the baseline counts the libraries, not the model)
+        import torch
+        import transformers  # noqa: F401
+
+        from runtime_harness import reference
+
+        gc.collect()
+        baseline = _rss()["VmRSS"]  # the whole model's weights count: that is what autograd holds
+        model = reference.peft_model(reference.base_model(bundle, manifest), manifest, adapter)
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+
+        def one_step():
+            loss, grads = reference.loss_and_grads(model, ids, labels)
+            with torch.no_grad():
+                for p in params:
+                    p -= lr * p.grad
+            return loss, grads
+    else:
+        runner.load_all()
+        gc.collect()
+        baseline = _rss()["VmRSS"]
+        store = runner.initial_state(adapter)
+        lora_names = [(t["name"], t["init"]["adapter"]) for t in manifest["state"] if "adapter" in t["init"]]
+        counter = iter(range(10 ** 9))
+
+        def one_step():
+            if method == "mezo":
+                return _mezo_step(runner, store, lora_names, ids, labels, lr, seed * 1000 + next(counter))
+            loss, _ = runner.step(store, ids, labels, lr, keep=lambda n: n.startswith("grad."))
+            grads = {peft: store.pop("grad." + state[len("lora."):]) for state, peft in lora_names}
+            return loss, grads
+
+    _reset_peak()
+    times, losses, first_grads = [], [], None
+    for k in range(steps + 1):  # step 0 is the warm-up
+        t0 = time.perf_counter()
+        loss, grads = one_step()
+        if k > 0:
+            times.append(time.perf_counter() - t0)
+        if first_grads is None:
+            first_grads = grads
+        losses.append(loss)
+    peak = _rss()["VmHWM"] - baseline
+    np.save(grads_out, _flat(first_grads, names).astype(np.float32))
+    return {"method": method, "peak_measured_bytes": int(peak), "step_times_s": times,
+            "step_time_s": float(np.median(times)), "losses": losses, "baseline_rss_bytes": baseline}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _run_worker(method: str, bundle: Path, steps: int, lr: float, seed: int, out: Path) -> dict:
+    grads_path = out / f"grads-{method}.npy"
+    cmd = [sys.executable, "-m", "runtime_harness.bench", method, str(bundle), str(steps), repr(lr), str(seed),
+           str(grads_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"bench worker for {method} failed: {tail}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["grads_file"] = str(grads_path)
+    return result
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def build_bundles(model: str, runtime: str, seq_len: int, weights: str | None, out: Path, say) -> dict[str, Path]:
+    from exporter.build import Reporter, build
+    from exporter.config import BuildConfig
+    from graphs.config import LoraConfig
+
+    bundles = {}
+    for method in ("mesp", "mebp"):
+        path = out / "bundles" / f"{Path(model).name}-{runtime}-{method}"
+        say(f"building {method} bundle ({runtime}) -> {path}")
+        build(BuildConfig(model=model, backend=runtime, out=path, weights=weights, method=method,
+                          lora=LoraConfig(seq_len=seq_len)), Reporter(progress=False))
+        bundles[method] = path
+    return bundles
+
+
+def convergence(runtime: str, out: Path, steps: int, say) -> dict:
+    """A tiny Qwen2 trained on real text (Python's own LICENSE) with mesp and with mezo; one loss plot."""
+    import torch
+    import transformers
+
+    from exporter.build import Reporter, build
+    from exporter.config import BuildConfig
+    from graphs.config import LoraConfig
+    from runtime_harness.train import plot_losses, tokenize, windows
+
+    ckpt = out / "convergence" / "tiny-qwen2"
+    if not (ckpt / "config.json").exists():
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        transformers.Qwen2ForCausalLM(config).save_pretrained(str(ckpt))
+    bundle = out / "convergence" / f"bundle-{runtime}"
+    build(BuildConfig(model=str(ckpt), backend=runtime, out=bundle, optimizer="adamw",
+                      lora=LoraConfig(rank=8, seq_len=64), vocab_chunk_rows=128), Reporter(progress=False))
+    text_path = Path(os.__file__).parent / "LICENSE.txt"
+    runner = BundleRunner(bundle)
+    data = windows(tokenize(bundle, runner.manifest, text_path.read_text()), 1, 64)
+    from exporter.adapter import read_adapter
+
+    adapter = {k: v.numpy() for k, v in read_adapter(bundle / "adapter")[1].items()}
+    lora_names = [(t["name"], t["init"]["adapter"]) for t in runner.manifest["state"] if "adapter" in t["init"]]
+    curves = {}
+    for method in ("mesp", "mezo"):
+        store = runner.initial_state(adapter)
+        losses = []
+        for k in range(steps):
+            batch = data[k % len(data)]
+            if method == "mesp":
+                loss, _ = runner.step(store, batch, batch, 3e-3)
+            else:
+                loss, _ = _mezo_step(runner, store, lora_names, batch, batch, MEZO_LR, 10_000 + k)
+            losses.append(loss)
+        curves[method] = losses
+        say(f"convergence {method}: loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} (mean of last 10)")
+    plot_losses({"MeSP (backprop, AdamW lr 3e-3)": curves["mesp"], f"MeZO (SPSA, SGD lr {MEZO_LR:g})": curves["mezo"]},
+                out / "convergence.png", f"tiny Qwen2 on {text_path.name}, sequence 64")
+    return {"text": str(text_path), "steps": steps, "curves": curves}
+
+
+def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path, steps: int = 3,
+          weights: str | None = "random", lr: float = 1e-3, seed: int = 0, convergence_steps: int = 150,
+          say=print) -> dict:
+    from runtime_harness.memory import measure, plot_timeline
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BundleError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    bundles = build_bundles(model, runtime, seq_len, weights, out, say)
+    manifests = {m: json.loads((bundles[m] / "manifest.json").read_text()) for m in bundles}
+    results = {}
+    for method in methods:
+        bundle = bundles["mebp" if method == "mebp" else "mesp"]
+        say(f"running {method} ({steps} timed steps after a warm-up, fresh process)")
+        r = _run_worker(method, bundle, steps, lr, seed, out)
+        planned = {"mesp": manifests["mesp"]["memory"]["train_step"]["peak_planned_bytes"],
+                   "mebp": manifests["mebp"]["memory"]["train_step"]["peak_planned_bytes"],
+                   "mezo": manifests["mesp"]["memory"]["eval_loss"]["peak_planned_bytes"]}.get(method)
+        results[method] = {"peak_planned_bytes": planned, **r}
+        say(f"  {method}: step {r['step_time_s']:.2f}s, peak measured {r['peak_measured_bytes'] / 1e6:.1f} MB")
+    exact = np.load(results["autograd"]["grads_file"]) if "autograd" in results else None
+    for method, r in results.items():
+        r["grad_cosine"] = None if exact is None or method == "autograd" else _cosine(np.load(r["grads_file"]), exact)
+    say("measuring memory per call (mesp, mebp)")
+    timelines = {m: measure(bundles[m], schedule="train_step") for m in ("mesp", "mebp")}
+    plot_timeline({f"{m} ({runtime})": timelines[m] for m in timelines}, out / "memory_per_call.png",
+                  f"{Path(model).name}: memory per call of one training step, sequence {seq_len}")
+    conv = convergence(runtime, out, convergence_steps, say) if convergence_steps else None
+    report = {
+        "settings": {"model": model, "runtime": runtime, "seq_len": seq_len, "batch": 1, "dtype": "float32",
+                     "lora_rank": manifests["mesp"]["lora"]["rank"], "lora_targets": manifests["mesp"]["lora"]["targets"],
+                     "weights": manifests["mesp"]["weights"]["source"], "steps": steps, "lr": lr, "seed": seed,
+                     "machine": f"{os.cpu_count()} cores"},
+        "methods": {m: {"peak_planned_bytes": r["peak_planned_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
+                        "step_time_s": r["step_time_s"], "grad_cosine": r["grad_cosine"]} for m, r in results.items()},
+        "memory_per_call": {m: [{k: c[k] for k in ("graph", "layer", "planned_bytes", "measured_bytes")}
+                                for c in t["calls"]] for m, t in timelines.items()},
+        "convergence": conv,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "bench.md").write_text(markdown_table(report))
+    say(markdown_table(report))
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    rows = report["methods"]
+    ref_a, ref_m = rows.get("autograd"), rows.get("mebp")
+
+    def mb(v):
+        return "n/a" if v is None else f"{v / 1e6:.1f}"
+
+    def x(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    s = report["settings"]
+    lines = [f"{s['model']} ({s['weights']}), {s['runtime']}, float32, sequence {s['seq_len']}, batch 1, "
+             f"LoRA rank {s['lora_rank']} on {','.join(s['lora_targets'])}, {s['machine']}; median of {s['steps']} steps.",
+             "",
+             "| method | peak planned MB | peak measured MB | step s | grad cosine | planned / mebp | measured / mebp "
+             "| measured / autograd | time / mebp | time / autograd |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        cos = "exact (reference)" if m == "autograd" else ("n/a" if r["grad_cosine"] is None else f"{r['grad_cosine']:.6f}")
+        lines.append(
+            f"| {m} | {mb(r['peak_planned_bytes'])} | {mb(r['peak_measured_bytes'])} | {r['step_time_s']:.2f} | {cos} | "
+            f"{x(_ratio(r['peak_planned_bytes'], ref_m and ref_m['peak_planned_bytes']))} | "
+            f"{x(_ratio(r['peak_measured_bytes'], ref_m and ref_m['peak_measured_bytes']))} | "
+            f"{x(_ratio(r['peak_measured_bytes'], ref_a and ref_a['peak_measured_bytes']))} | "
+            f"{x(_ratio(r['step_time_s'], ref_m and ref_m['step_time_s']))} | "
+            f"{x(_ratio(r['step_time_s'], ref_a and ref_a['step_time_s']))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import runtime_harness  # noqa: F401
+
+    m, b, n, lr_arg, seed_arg, grads_path = sys.argv[1:7]
+    print(json.dumps(worker(m, Path(b), int(n), float(lr_arg), int(seed_arg), Path(grads_path))))
