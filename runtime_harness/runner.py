@@ -16,12 +16,38 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from safetensors import safe_open
-
 from exporter.backends import get_backend
 from exporter.backends.base import GraphFn
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(data start, header) of a safetensors file: u64 little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def read_tensor(path: Path, header: tuple[int, dict], name: str, rows: list[int] | None = None) -> np.ndarray:
+    """One tensor (or rows [a, b) of it) read with plain file I/O into a fresh array.
+
+    safetensors' own reader memory-maps the file, which leaves every page it touched resident (and
+    counted in RSS) while the handle lives; reading exactly the bytes a call needs keeps the measured
+    memory equal to what the call holds, as an app reading (or mapping) one layer at a time would."""
+    start, meta = header
+    info = meta[name]
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+    shape = list(info["shape"])
+    offset = start + info["data_offsets"][0]
+    if rows is not None:
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        offset += rows[0] * row_items * dtype.itemsize
+        shape[0] = rows[1] - rows[0]
+    return np.fromfile(path, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
 
 
 class BundleError(ValueError):
@@ -108,16 +134,12 @@ class BundleRunner:
         return store
 
     # -- one schedule
-    def _weight(self, source: dict, cache: dict) -> np.ndarray:
+    def _weight(self, source: dict, headers: dict) -> np.ndarray:
         path = self.bundle / source["file"]
-        if path not in cache:
-            cache.clear()  # one weight file open at a time, as a phone would
-            cache[path] = safe_open(str(path), framework="numpy")
-        handle = cache[path]
-        if "rows" in source:
-            a, b = source["rows"]
-            return handle.get_slice(source["tensor"])[a:b]
-        return handle.get_tensor(source["tensor"])
+        if path not in headers:
+            headers.clear()
+            headers[path] = read_header(path)
+        return read_tensor(path, headers[path], source["tensor"], source.get("rows"))
 
     def run(self, schedule: str, store: dict[str, np.ndarray], on_call: Callable[[CallRecord], None] | None = None,
             keep: Callable[[str], bool] | None = None) -> StepTrace:
@@ -125,7 +147,7 @@ class BundleRunner:
 
         `keep(name)` True keeps a tensor the schedule would free (e.g. LoRA gradients, to compare them)."""
         trace = StepTrace()
-        files: dict = {}
+        files: dict = {}  # the safetensors header of the weight file in use
         for index, entry in enumerate(self.manifest["schedules"][schedule]):
             if entry["op"] == "fill":
                 store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
