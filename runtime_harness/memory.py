@@ -11,6 +11,7 @@ ONNX Runtime's CPU arena is disabled so the figure follows tensor lifetimes.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def _proc_status() -> dict[str, int]:
 
 
 def _reset_peak() -> None:
+    """Return freed heap to the OS (glibc keeps it otherwise), then restart the peak at the current RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -57,9 +63,6 @@ def probe(bundle: Path, runtime: str | None, schedule: str, seed: int) -> dict:
     runner.step(store, ids, labels, lr=0.0, schedule=schedule)  # warm-up
     gc.collect()
     per_call: list[dict] = []
-
-    def before(_entry_index: int) -> None:
-        _reset_peak()
 
     def after(record) -> None:
         per_call.append({"index": record.index, "graph": record.graph, "layer": record.layer,
