@@ -162,8 +162,13 @@ class AutodiffTraced(torch.nn.Module):
 
         # Decompose backward-only ops (e.g. _softmax_backward_data) into core ATen, which every
         # runtime's kernel library covers.
-        self.graph_module = make_fx(inner, decomposition_table=core_aten_decompositions(),
-                                    tracing_mode="real")(*example_inputs)
+        gm = make_fx(inner, decomposition_table=core_aten_decompositions(), tracing_mode="real")(*example_inputs)
+        for node in list(gm.graph.nodes):  # aten.alias is a no-op that Core ML's converter rejects
+            if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        gm.recompile()
+        self.graph_module = gm
 
     def forward(self, *args):
         return tuple(self.graph_module(*args))

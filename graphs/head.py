@@ -41,7 +41,7 @@ def embed_chunk(input_ids: Tensor, weight_chunk: Tensor, offset: Tensor, acc: Te
     """acc[b, t] += E[ids[b, t]] for the ids inside this chunk, E[offset:offset+C] = weight_chunk (C, H)."""
     rows = weight_chunk.shape[0]
     local = input_ids - offset  # (B, S)
-    inside = (local >= 0) & (local < rows)
+    inside = torch.logical_and(local >= 0, local < rows)
     picked = torch.nn.functional.embedding(local.clamp(0, rows - 1), weight_chunk)  # (B, S, H)
     return acc + torch.where(inside.unsqueeze(-1), picked, torch.zeros_like(picked))
 
