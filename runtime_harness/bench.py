@@ -97,9 +97,12 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
                     p -= lr * p.grad
             return loss, grads
     else:
-        runner.load_all()
+        from runtime_harness.memory import _import_runtime
+
+        _import_runtime(manifest["backend"])
         gc.collect()
-        baseline = _rss()["VmRSS"]
+        baseline = _rss()["VmRSS"]  # the runtime, no graph: the runtime's buffers for the graphs count
+        runner.load_all()
         store = runner.initial_state(adapter)
         lora_names = [(t["name"], t["init"]["adapter"]) for t in manifest["state"] if "adapter" in t["init"]]
         counter = iter(range(10 ** 9))

@@ -5,8 +5,8 @@ graph (ExecuTorch; Core ML and ONNX Runtime publish none) + every tensor live in
 it runs (layer checkpoints, LoRA parameters and gradients, optimizer state, accumulators).
 
 measured bytes of a call = peak resident set size during the call (Linux VmHWM, reset before each
-call through /proc/self/clear_refs) minus the process's RSS after the runtime and every graph were
-loaded and before any tensor was created. It runs in a fresh subprocess, after one warm-up step;
+call through /proc/self/clear_refs) minus the process's RSS once the runtime was imported, before any
+graph was loaded or tensor created (so the runtimes' own buffers for loaded graphs count). It runs in a fresh subprocess, after one warm-up step;
 ONNX Runtime's CPU arena is disabled so the figure follows tensor lifetimes.
 """
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def _import_runtime(backend: str) -> None:
+    """Import the runtime's Python module, so that the baseline holds the runtime but no graph."""
+    import importlib
+
+    module = {"executorch": "executorch.runtime", "ort": "onnxruntime", "coreml": "coremltools"}[backend]
+    importlib.import_module(module)
+
+
 def probe(bundle: Path, runtime: str | None, schedule: str, seed: int) -> dict:
     """Runs inside the fresh subprocess: load, baseline, warm-up step, then a measured step."""
     import gc
@@ -55,7 +63,7 @@ def probe(bundle: Path, runtime: str | None, schedule: str, seed: int) -> dict:
     from runtime_harness.verify import nonzero_adapter, seeded_batch
 
     runner = BundleRunner(bundle, runtime)
-    runner.load_all()
+    _import_runtime(runner.manifest["backend"])
     gc.collect()
     baseline = _proc_status()["VmRSS"]
     store = runner.initial_state(nonzero_adapter(runner.manifest, seed))
