@@ -108,3 +108,14 @@ def test_module_entry_points_exit_2_without_traceback(tmp_path):
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_ci_runs_the_readme_commands():
+    """CI must run exactly the README's set-up commands (the README is the truth about set-up)."""
+    root = Path(__file__).resolve().parent.parent
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    blocks = readme.split("## Set-up", 1)[1].split("## Commands", 1)[0].split("```bash\n")[1:]
+    commands = [b.split("\n```", 1)[0].strip() for b in blocks]
+    assert len(commands) == 2
+    ci_lines = [line.strip() for line in ci.splitlines()]
+    assert all(c in ci_lines for c in commands), commands
