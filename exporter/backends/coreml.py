@@ -1,17 +1,25 @@
 """Core ML: ML Programs (iOS 18, float32), one multifunction `.mlpackage` per program.
 
-A layer's frozen weights are constants of its own package `layer_XX.mlpackage`, whose functions
-`layer_forward` and `layer_backward` share them: `save_multifunction` stores identical constants
-once. For that the converter must not constant-fold operations on the weights (the structured
-backward slices them per kv group and per MLP block, and a folded slice is a new constant that the
-two functions would not share), so `common::const_elimination` is left out of the pass pipeline.
-LoRA A/B are inputs (constants cannot be updated). Core ML has no int64 tensors: token ids, labels
-and offsets are int32 inputs, and the manifest says so.
+Each graph is exported with torch.export, converted by coremltools on its own, and the graphs of a
+program become the functions (named by graph kind, the first one the default) of one package written
+by `save_multifunction`. A layer's frozen weights are constants of its own package
+`layer_XX.mlpackage`, whose functions `layer_forward` and `layer_backward` share them:
+`save_multifunction` stores identical constants once. For that the converter must not
+constant-fold operations on the weights (the structured backward slices them per kv group and per MLP
+block, the autodiff backward transposes them, and a folded slice or transpose is a new constant that
+the two functions would not share: about 2.1x the layer's bytes with the default pipeline), so
+`common::const_elimination` is left out of the pass pipeline (weight.bin is then 1.02x (mesp) or
+1.06x (mebp, its causal mask is a constant) of the layer's bytes). LoRA A/B are inputs (constants
+cannot be updated). Core ML has no int64 tensors: token ids, labels and offsets are int32 inputs, and
+the manifest says so.
 
-Conversion runs on Linux (`skip_model_load=True`); prediction needs macOS.
+Conversion runs on Linux (`skip_model_load=True`); prediction needs macOS. `describe_package` reads a
+package's functions and signatures from its protobuf, which `runtime_harness` checks off macOS.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import sys
 import tempfile
@@ -24,8 +32,9 @@ from exporter.backends.base import Backend, GraphFn, LoweredGraph, RuntimeUnavai
 from exporter.graph_defs import GraphDef
 
 WEIGHTS_BIN = "Data/com.apple.CoreML/weights/weight.bin"
-_COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32"}
-_ARRAY_DTYPES = {65568: "float32", 131104: "int32", 65552: "float16", 65600: "float64"}
+_COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16"}
+# Core ML ArrayFeatureType.ArrayDataType values
+_ARRAY_DTYPES = {65568: "float32", 131104: "int32", 65552: "float16", 65600: "float64", 131080: "int8"}
 
 
 def _pass_pipeline():
@@ -36,16 +45,54 @@ def _pass_pipeline():
     return pipeline
 
 
+@contextlib.contextmanager
+def _converter_session():
+    """Quiet coremltools' progress bars (the build draws its own), and let `save_multifunction` validate
+    the merged program once instead of after each of its ~110 skipped passes (a skipped pass changes
+    nothing, so the result is the same; it saves ~8 s per layer program)."""
+    from coremltools.converters.mil.frontend.torch import ops as torch_ops
+    from coremltools.converters.mil.mil import program as mil_program
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+    from tqdm import tqdm
+
+    quiet = functools.partial(tqdm, disable=True)
+    validate = mil_program.Program.validate
+    validated: set = set()
+
+    def validate_once_if_unchanged(self, *args, **kwargs):
+        if not self.skip_all_passes:
+            return validate(self, *args, **kwargs)
+        key = (id(self), args, tuple(sorted(kwargs.items())))
+        if key not in validated:
+            validate(self, *args, **kwargs)
+            validated.add(key)
+
+    saved = (pass_pipeline.tqdm, torch_ops._tqdm)
+    pass_pipeline.tqdm, torch_ops._tqdm = quiet, quiet
+    mil_program.Program.validate = validate_once_if_unchanged
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm, torch_ops._tqdm = saved
+        mil_program.Program.validate = validate
+
+
+def coreml_inputs(graph: GraphDef) -> list[dict]:
+    """The graph's inputs as the Core ML function takes them (int64 -> int32)."""
+    return [{**t, "dtype": _COREML_DTYPES[t["dtype"]]} for t in graph.signature()["inputs"]]
+
+
 def convert(graph: GraphDef, path: Path) -> None:
-    """torch.export -> Core ML ML Program saved at `path`."""
+    """torch.export -> Core ML ML Program saved at `path`, with the GraphDef's input and output names."""
     import coremltools as ct
 
     exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions({})
-    inputs = [ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(_COREML_DTYPES[t.dtype]).type)
-              for t in graph.inputs]
+    inputs = [ct.TensorType(name=t["name"], shape=tuple(t["shape"]), dtype=np.dtype(t["dtype"]).type)
+              for t in coreml_inputs(graph)]
+    # Without explicit outputs Core ML names them after the last op (`add_42`, ...).
+    outputs = [ct.TensorType(name=t.name) for t in graph.outputs]
     model = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       compute_precision=ct.precision.FLOAT32, inputs=inputs,
-                       outputs=[ct.TensorType(name=t.name) for t in graph.outputs],
+                       compute_precision=ct.precision.FLOAT32, inputs=inputs, outputs=outputs,
                        skip_model_load=True, pass_pipeline=_pass_pipeline())
     model.save(str(path))
 
@@ -57,10 +104,13 @@ class CoreMLBackend(Backend):
     def lower(self, program: str, graphs: list[GraphDef], out_dir: Path) -> list[LoweredGraph]:
         from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
 
+        kinds = [g.kind for g in graphs]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"program {program}: graph kinds must be unique function names, got {kinds}")
         rel = f"graphs/{program}.mlpackage"
         target = Path(out_dir) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="coreml-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="coreml-") as tmp, _converter_session():
             descriptor = MultiFunctionDescriptor()
             for g in graphs:
                 single = Path(tmp) / f"{g.kind}.mlpackage"
@@ -70,12 +120,8 @@ class CoreMLBackend(Backend):
             if target.exists():
                 shutil.rmtree(target)
             save_multifunction(descriptor, str(target))
-        lowered = []
-        for g in graphs:
-            sig = g.signature()
-            inputs = [{**t, "dtype": _COREML_DTYPES[t["dtype"]]} for t in sig["inputs"]]
-            lowered.append(LoweredGraph(f"{program}.{g.kind}", rel, g.kind, inputs, sig["outputs"]))
-        return lowered
+        return [LoweredGraph(f"{program}.{g.kind}", rel, g.kind, coreml_inputs(g), g.signature()["outputs"])
+                for g in graphs]
 
     def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
         if sys.platform != "darwin":
@@ -83,20 +129,25 @@ class CoreMLBackend(Backend):
                                      "functions, signatures, shared weights and checksums instead")
         import coremltools as ct
 
-        model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"])
-        names = [t["name"] for t in graph["inputs"]]
-        outputs = [t["name"] for t in graph["outputs"]]
+        # CPU only: float32 throughout (the Neural Engine computes in float16), for replaying gradients.
+        model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"],
+                                  compute_units=ct.ComputeUnit.CPU_ONLY)
+        inputs, outputs = graph["inputs"], graph["outputs"]
 
         def run(args: list[np.ndarray]) -> list[np.ndarray]:
-            result = model.predict(dict(zip(names, args)))
-            return [np.asarray(result[name]) for name in outputs]
+            if len(args) != len(inputs):
+                raise ValueError(f"{graph['method']} takes {len(inputs)} inputs, got {len(args)}")
+            feed = {t["name"]: np.ascontiguousarray(np.asarray(a), dtype=t["dtype"]).reshape(t["shape"])
+                    for t, a in zip(inputs, args)}
+            result = model.predict(feed)
+            return [np.asarray(result[t["name"]], dtype=t["dtype"]).reshape(t["shape"]) for t in outputs]
 
         return run
 
 
 def describe_package(path: Path) -> dict:
-    """Functions of a package with their inputs/outputs (name, shape, dtype), and the weight file size.
-    Reads the package's protobuf: works on Linux, without loading the model."""
+    """Functions of a package with their inputs/outputs (name, shape, dtype), the default function and
+    the weight file size. Reads the package's protobuf: works on Linux, without loading the model."""
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(path))
@@ -106,10 +157,17 @@ def describe_package(path: Path) -> dict:
                  "dtype": _ARRAY_DTYPES.get(f.type.multiArrayType.dataType, str(f.type.multiArrayType.dataType))}
                 for f in items]
 
-    functions = {f.name: {"inputs": features(f.input), "outputs": features(f.output)}
-                 for f in spec.description.functions}
+    description = spec.description
+    if description.functions:
+        functions = {f.name: {"inputs": features(f.input), "outputs": features(f.output)}
+                     for f in description.functions}
+        default = description.defaultFunctionName
+    else:  # a single-function package
+        functions = {"main": {"inputs": features(description.input), "outputs": features(description.output)}}
+        default = "main"
     weights = Path(path) / WEIGHTS_BIN
-    return {"functions": functions, "weight_bin_bytes": weights.stat().st_size if weights.exists() else 0}
+    return {"functions": functions, "default_function": default,
+            "weight_bin_bytes": weights.stat().st_size if weights.exists() else 0}
 
 
 BACKEND = CoreMLBackend()

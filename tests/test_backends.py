@@ -1,5 +1,7 @@
-"""ONNX Runtime backend: every step graph lowered to .onnx, run through `BACKEND.load` against eager
-PyTorch, and the ORT training artifacts (checkpoint + optimizer model) against the bundle's optimizer."""
+"""Backends that run here (ExecuTorch, ONNX Runtime): every step graph lowered, run through the backend's
+`load` and compared with eager PyTorch (float32, rtol 1e-5); then ONNX-specific checks (opset, IR) and
+the ORT training artifacts (checkpoint + optimizer model) against the bundle's optimizer graph.
+Core ML, which cannot run here, has its own structural tests in test_backend_coreml.py."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ pytest.importorskip("onnxruntime.training")
 
 from exporter import graph_defs as gd  # noqa: E402
 from exporter.backends import get_backend  # noqa: E402
-from exporter.backends.ort import BACKEND, MAX_IR_VERSION  # noqa: E402
+from exporter.backends.ort import MAX_IR_VERSION  # noqa: E402
 from graphs import head as head_math  # noqa: E402
 from graphs import optim as optim_math  # noqa: E402
 from graphs.config import LoraConfig  # noqa: E402
@@ -42,23 +44,32 @@ def _programs() -> dict[str, dict[str, list[gd.GraphDef]]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def lowered(tmp_path_factory):
-    """(variant, graph id) -> (bundle dir, GraphDef, manifest entry)."""
-    root = tmp_path_factory.mktemp("ort-bundle")
+def _lower_all(backend_name: str, root) -> dict:
+    """(variant, graph id) -> (bundle dir, GraphDef, manifest entry, backend)."""
+    backend = get_backend(backend_name)
     out = {}
     for variant, programs in _programs().items():
         folder = root / variant
         for program, defs in programs.items():
-            for g, lg in zip(defs, BACKEND.lower(program, defs, folder)):
+            for g, lg in zip(defs, backend.lower(program, defs, folder)):
                 entry = json.loads(json.dumps(lg.to_dict()))  # as the manifest stores it
-                out[variant, lg.id] = (folder, g, entry)
+                out[variant, lg.id] = (folder, g, entry, backend)
     return out
 
 
+@pytest.fixture(scope="module", params=["executorch", "ort"])
+def lowered(request, tmp_path_factory):
+    return _lower_all(request.param, tmp_path_factory.mktemp(f"{request.param}-graphs"))
+
+
+@pytest.fixture(scope="module")
+def ort_lowered(tmp_path_factory):
+    return _lower_all("ort", tmp_path_factory.mktemp("ort-graphs"))
+
+
 def run_both(item, inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    folder, g, entry = item
-    got = BACKEND.load(folder, entry)([t.numpy() for t in inputs])
+    folder, g, entry, backend = item
+    got = backend.load(folder, entry)([t.numpy() for t in inputs])
     with torch.no_grad():
         want = [t.numpy() for t in g.module(*inputs)]
     assert len(got) == len(want) == len(entry["outputs"])
@@ -83,14 +94,25 @@ def tokens(labels: bool = False) -> torch.Tensor:
     return ids
 
 
-def test_registry_and_contract():
-    assert get_backend("ort") is BACKEND
-    assert BACKEND.name == "ort" and BACKEND.weights_in_graphs is False
+@pytest.mark.parametrize("name, baked", [("executorch", False), ("ort", False), ("coreml", True)])
+def test_registry_and_contract(name, baked):
+    backend = get_backend(name)
+    assert backend.name == name and backend.weights_in_graphs is baked
 
 
-def test_files_are_single_onnx_models_ort_1_19_loads(lowered):
-    assert len(lowered) == 1 + 2 + 2 * 2 + 2
-    for (variant, gid), (folder, g, entry) in lowered.items():
+def test_executorch_programs_hold_methods_with_planned_arenas(lowered):
+    folder, _, entry, backend = lowered["mesp", "layer.layer_backward"]
+    if backend.name != "executorch":
+        pytest.skip("ExecuTorch-specific: programs with methods and planned arenas")
+    forward = lowered["mesp", "layer.layer_forward"][2]
+    assert entry["file"] == forward["file"] == "graphs/layer.pte"
+    assert (entry["method"], forward["method"]) == ("layer_backward", "layer_forward")
+    assert entry["arena_bytes"] > 0 and forward["arena_bytes"] > 0
+
+
+def test_files_are_single_onnx_models_ort_1_19_loads(ort_lowered):
+    assert len(ort_lowered) == 1 + 2 + 2 * 2 + 2
+    for (variant, gid), (folder, g, entry, _) in ort_lowered.items():
         program, kind = gid.split(".")
         assert entry["file"] == f"graphs/{program}.{kind}.onnx" and entry["method"] == ""
         assert entry["arena_bytes"] is None and "external_data" not in entry
@@ -199,7 +221,7 @@ def artifacts(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ort-training-{optimizer}")
     torch.manual_seed(1)
     state = _lora_state()
-    fields = BACKEND.write_training_artifacts(step_shapes(optimizer=optimizer), state, out)
+    fields = get_backend("ort").write_training_artifacts(step_shapes(optimizer=optimizer), state, out)
     return optimizer, out, state, fields
 
 
@@ -236,9 +258,9 @@ def test_training_artifacts_files_and_checkpoint(artifacts):
 
 
 def _graph_update(lowered, optimizer, layer_params, grads, m, v, lr, step):
-    """Our optimizer graph (ONNX, through BACKEND.load) for one layer."""
-    folder, g, entry = lowered[optimizer, "optimizer.optimizer"]
-    outs = BACKEND.load(folder, entry)([t.numpy() for t in _optimizer_inputs(optimizer, layer_params, grads, m, v,
+    """Our optimizer graph (ONNX, through get_backend("ort").load) for one layer."""
+    folder, g, entry, _ = lowered[optimizer, "optimizer.optimizer"]
+    outs = get_backend("ort").load(folder, entry)([t.numpy() for t in _optimizer_inputs(optimizer, layer_params, grads, m, v,
                                                                                 lr, step)])
     n = len(layer_params)
     if optimizer == "sgd":
@@ -247,7 +269,7 @@ def _graph_update(lowered, optimizer, layer_params, grads, m, v, lr, step):
     return t[:n], t[n:2 * n], t[2 * n:3 * n]
 
 
-def test_ort_training_api_step_matches_optimizer_graph(artifacts, lowered):
+def test_ort_training_api_step_matches_optimizer_graph(artifacts, ort_lowered):
     """Module.train_step with the gradient-injection model + Optimizer.step == the bundle's optimizer graph,
     per layer, over two steps (AdamW bias correction depends on the step)."""
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -280,7 +302,7 @@ def test_ort_training_api_step_matches_optimizer_graph(artifacts, lowered):
         opt.step()
         for layer in range(SPEC.num_layers):
             keys = [f"lora.{layer}.{n}" for n in layer_names]
-            p, mm, vv = _graph_update(lowered, optimizer, [ours[k] for k in keys], [grads[k] for k in keys],
+            p, mm, vv = _graph_update(ort_lowered, optimizer, [ours[k] for k in keys], [grads[k] for k in keys],
                                       [m[k] for k in keys], [v2[k] for k in keys], lr, float(step))
             for k, a, b, c in zip(keys, p, mm, vv):
                 ours[k], m[k], v2[k] = a, b, c
@@ -293,7 +315,7 @@ def test_ort_training_api_step_matches_optimizer_graph(artifacts, lowered):
     assert not np.array_equal(ckpt.parameters[names[0]].data, state[names[0]].numpy())
 
 
-def test_optimizer_model_runs_in_plain_inference_session(artifacts, lowered):
+def test_optimizer_model_runs_in_plain_inference_session(artifacts, ort_lowered):
     """optimizer_model.onnx also runs without the training API: seq(tensor) inputs, and the kernel updates
     the fed numpy buffers in place (its only graph output is the `updated` flag). `step` here is the
     1-based step (the training API feeds step + 1)."""
@@ -305,7 +327,7 @@ def test_optimizer_model_runs_in_plain_inference_session(artifacts, lowered):
     grads = [np.random.default_rng(3).standard_normal(p.shape).astype(np.float32) for p in params]
     m = [np.full(p.shape, 0.01, np.float32) for p in params]
     v = [np.full(p.shape, 0.002, np.float32) for p in params]
-    ref = _graph_update(lowered, optimizer, [torch.from_numpy(p.copy()) for p in params],
+    ref = _graph_update(ort_lowered, optimizer, [torch.from_numpy(p.copy()) for p in params],
                         [torch.from_numpy(g) for g in grads], [torch.from_numpy(x.copy()) for x in m],
                         [torch.from_numpy(x.copy()) for x in v], 1e-2, 4.0)
     feeds = {"learning_rate": np.array([1e-2], np.float32), "step": np.array([5], np.int64),
