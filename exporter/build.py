@@ -107,8 +107,9 @@ def _check_writable(out: Path) -> None:
         raise BuildError(f"{out} exists and is not a bundle; refusing to replace it")
 
 
-def _programs(r: Resolved, backend, progress) -> dict[str, list[gd.GraphDef]]:
-    """Program name -> graphs, in build order. Per-layer programs when the backend bakes weights in."""
+def _programs(r: Resolved, backend) -> dict:
+    """Program name -> its graphs (or a function making them: a baked layer reads its weights only when
+    it is lowered, not when its cached copy is reused), in build order."""
     s = r.shapes
     programs: dict[str, list] = {"embed": [gd.embed_chunk_graph(s)]}
     if backend.weights_in_graphs:
@@ -164,7 +165,7 @@ def _weights_identity(r: Resolved) -> dict:
 
 
 def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> dict[str, dict]:
-    programs = _programs(r, backend, say)
+    programs = _programs(r, backend)
     graphs: dict[str, dict] = {}
     (stage / "graphs").mkdir(parents=True, exist_ok=True)
     code = code_digest(backend)
