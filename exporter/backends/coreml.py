@@ -77,6 +77,66 @@ def _converter_session():
         mil_program.Program.validate = validate
 
 
+def _scalar_fill(node) -> float | None:
+    """The value of a node that fills a tensor with one scalar (`torch.zeros_like(x)`, `torch.tensor(-inf)`)."""
+    aten = torch.ops.aten
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target == aten.scalar_tensor.default:
+        return node.args[0]
+    if node.target == aten.zeros_like.default:
+        return 0.0
+    if node.target in (aten.full_like.default, aten.full.default):
+        return node.args[1]
+    return None
+
+
+def where_fill_to_masked_fill(exported: torch.export.ExportedProgram) -> int:
+    """`where(c, fill, x)` -> `masked_fill(x, c, fill)` and `where(c, x, fill)` -> `masked_fill(x, ~c, fill)`
+    where x has the result's shape and dtype: the same values. coremltools broadcasts the three operands
+    of `where` to one shape first, so a scalar fill becomes a constant of the result's shape (the autodiff
+    backward's masked softmax gradient: (B, kv, group, S, S) floats, 3.7 MB a layer for Qwen2.5-0.5B;
+    `zeros_like` of the embedding rows), while its `masked_fill` is a broadcasting `select`. Edits the
+    program in place; returns the number of rewritten nodes."""
+    aten = torch.ops.aten
+    graph = exported.graph_module.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.where.self or "val" not in node.meta:
+            continue
+        cond, a, b = node.args
+        out = node.meta["val"]
+        for fill, x, invert in ((a, b, False), (b, a, True)):
+            value = _scalar_fill(fill)
+            val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+            fill_val = fill.meta.get("val")
+            if value is None or val is None or fill_val is None or fill_val.dtype != out.dtype \
+                    or val.shape != out.shape or val.dtype != out.dtype:
+                continue
+            with graph.inserting_before(node):
+                mask = cond
+                if invert:
+                    mask = graph.call_function(aten.logical_not.default, (cond,))
+                    mask.meta["val"] = cond.meta.get("val")
+                replacement = graph.call_function(aten.masked_fill.Scalar, (x, mask, value))
+                replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            count += 1
+            break
+    if count:
+        graph.eliminate_dead_code()
+        exported.graph_module.recompile()
+    return count
+
+
+def export(graph: GraphDef) -> torch.export.ExportedProgram:
+    """The graph as the converter takes it: torch.export, ATen ops, `where_fill_to_masked_fill`."""
+    exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions({})
+    where_fill_to_masked_fill(exported)
+    return exported
+
+
 def coreml_inputs(graph: GraphDef) -> list[dict]:
     """The graph's inputs as the Core ML function takes them (int64 -> int32)."""
     return [{**t, "dtype": _COREML_DTYPES[t["dtype"]]} for t in graph.signature()["inputs"]]
@@ -86,7 +146,7 @@ def convert(graph: GraphDef, path: Path) -> None:
     """torch.export -> Core ML ML Program saved at `path`, with the GraphDef's input and output names."""
     import coremltools as ct
 
-    exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions({})
+    exported = export(graph)
     inputs = [ct.TensorType(name=t["name"], shape=tuple(t["shape"]), dtype=np.dtype(t["dtype"]).type)
               for t in coreml_inputs(graph)]
     # Without explicit outputs Core ML names them after the last op (`add_42`, ...).
