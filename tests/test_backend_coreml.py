@@ -1,106 +1,267 @@
-"""Core ML: packages convert on Linux; their functions, signatures and shared weights are checked here;
-predictions are compared with eager PyTorch on macOS only (Core ML prediction needs macOS)."""
+"""Core ML backend: per-program multifunction packages converted on any OS (`skip_model_load=True`), their
+functions and signatures read back from the protobuf, a layer's frozen weights stored once for its
+forward and backward functions, and, on macOS only, predictions against eager PyTorch."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("coremltools")
+ct = pytest.importorskip("coremltools")
 
 from exporter import graph_defs as gd  # noqa: E402
+from exporter.backends import get_backend  # noqa: E402
 from exporter.backends.base import RuntimeUnavailable  # noqa: E402
-from exporter.backends.coreml import BACKEND, describe_package  # noqa: E402
+from exporter.backends.coreml import BACKEND, WEIGHTS_BIN, describe_package, where_fill_to_masked_fill  # noqa: E402
+from graphs import head as head_math  # noqa: E402
 from graphs.config import LoraConfig  # noqa: E402
 from helpers import random_layer_weights, random_lora, tiny_spec  # noqa: E402
 
-SPEC, LORA = tiny_spec(), LoraConfig(rank=4, seq_len=16)
+SPEC = tiny_spec()
+LORA = LoraConfig(rank=4, seq_len=16)
+ROWS = 128  # 320 rows -> 3 chunks of 107, the last one with a padding row
+RTOL = 1e-4
+SHARED_WEIGHTS_SLACK = 1.15
+INT_INPUTS = {"input_ids", "labels", "offset"}
+on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
+off_macos = pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs here")
 
 
-@pytest.fixture(scope="module", params=gd.METHODS)
-def layer_package(request, tmp_path_factory):
-    shapes = gd.StepShapes(SPEC, LORA, method=request.param, vocab_chunk_rows=128)
+def step_shapes(method: str = "mesp", optimizer: str = "sgd") -> gd.StepShapes:
+    return gd.StepShapes(SPEC, LORA, method=method, optimizer=optimizer, vocab_chunk_rows=ROWS)
+
+
+def _programs() -> dict[str, dict[str, list[gd.GraphDef]]]:
+    """variant folder -> program -> graphs. Layer programs bake one layer's (random) weights."""
+    s = step_shapes()
+    torch.manual_seed(0)
     weights = {k: v.float() for k, v in random_layer_weights(SPEC).items()}
-    defs = [gd.layer_forward_graph(shapes, weights), gd.layer_backward_graph(shapes, weights)]
-    out = tmp_path_factory.mktemp(f"coreml-{request.param}")
-    return out, defs, BACKEND.lower("layer_00", defs, out), weights
+    out = {"common": {"embed": [gd.embed_chunk_graph(s)], "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}}
+    for method in gd.METHODS:
+        m = step_shapes(method=method)
+        out[method] = {"layer_00": [gd.layer_forward_graph(m, weights), gd.layer_backward_graph(m, weights)]}
+    for optimizer in gd.OPTIMIZERS:
+        out[optimizer] = {"optimizer": [gd.optimizer_graph(step_shapes(optimizer=optimizer))]}
+    return out
 
 
-def test_layer_package_has_both_functions_with_the_manifest_signatures(layer_package):
-    out, defs, lowered, _ = layer_package
-    assert [g.id for g in lowered] == ["layer_00.layer_forward", "layer_00.layer_backward"]
-    assert {g.file for g in lowered} == {"graphs/layer_00.mlpackage"}
-    described = describe_package(out / "graphs/layer_00.mlpackage")
-    assert set(described["functions"]) == {"layer_forward", "layer_backward"}
-    for g, d in zip(lowered, defs):
-        fn = described["functions"][g.method]
-        assert fn["inputs"] == g.inputs  # names, shapes, dtypes; no frozen weight among the inputs
-        assert not any(t["name"].endswith("_weight") for t in fn["inputs"])
-        assert [o["name"] for o in fn["outputs"]] == [t.name for t in d.outputs]
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """(variant, graph id) -> (bundle dir, GraphDef, manifest entry)."""
+    root = tmp_path_factory.mktemp("coreml-bundle")
+    out = {}
+    for variant, programs in _programs().items():
+        folder = root / variant
+        for program, defs in programs.items():
+            for g, lg in zip(defs, BACKEND.lower(program, defs, folder)):
+                entry = json.loads(json.dumps(lg.to_dict()))  # as the manifest stores it
+                entry["constant_bytes"] = sum(t.numel() * t.element_size() for t in g.constants.values())
+                out[variant, lg.id] = (folder, g, entry)
+    return out
 
 
-def test_frozen_weights_are_stored_once(layer_package):
-    out, _, _, weights = layer_package
-    constants = sum(t.numel() * t.element_size() for t in weights.values())
-    stored = describe_package(out / "graphs/layer_00.mlpackage")["weight_bin_bytes"]
-    assert constants <= stored <= 1.15 * constants, (stored, constants)
+def test_registry_and_contract():
+    assert get_backend("coreml") is BACKEND
+    assert BACKEND.name == "coreml" and BACKEND.weights_in_graphs is True
 
 
-def test_token_inputs_are_int32(tmp_path):
-    shapes = gd.StepShapes(SPEC, LORA, vocab_chunk_rows=128)
-    lowered = BACKEND.lower("head", [gd.head_chunk_graph(shapes), gd.head_finish_graph(shapes)], tmp_path)
-    described = describe_package(tmp_path / "graphs/head.mlpackage")["functions"]
-    for g in lowered:
-        dtypes = {t["name"]: t["dtype"] for t in described[g.method]["inputs"]}
-        assert dtypes["labels"] == "int32" and dtypes["x"] == "float32"
-        assert dtypes == {t["name"]: t["dtype"] for t in g.inputs}
+def test_one_multifunction_package_per_program(lowered):
+    assert len(lowered) == 1 + 2 + 2 * 2 + 2
+    by_file: dict = {}
+    for (variant, gid), (folder, g, entry) in lowered.items():
+        program, kind = gid.split(".")
+        assert kind == g.kind and entry["method"] == kind and entry["arena_bytes"] is None
+        assert entry["file"] == f"graphs/{program}.mlpackage"
+        by_file.setdefault(folder / entry["file"], []).append(kind)
+    for folder in {path.parent for path in by_file}:  # no leftovers (single-function packages) next to them
+        assert sorted(folder.iterdir()) == sorted(path for path in by_file if path.parent == folder)
+    for path, kinds in by_file.items():
+        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        assert set(files) <= {"Manifest.json", "Data/com.apple.CoreML/model.mlmodel", WEIGHTS_BIN}
+        described = describe_package(path)
+        assert list(described["functions"]) == kinds  # one function per graph, in program order
+        assert described["default_function"] == kinds[0]
 
 
-@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS")
-def test_load_says_core_ml_needs_macos(layer_package):
-    out, _, lowered, _ = layer_package
-    with pytest.raises(RuntimeUnavailable, match="needs macOS"):
-        BACKEND.load(out, lowered[0].to_dict())
+def test_signatures_match_graph_defs(lowered):
+    """Core ML names, shapes and dtypes are the GraphDef's, except int64 -> int32, which the entry records."""
+    for (variant, gid), (folder, g, entry) in lowered.items():
+        fn = describe_package(folder / entry["file"])["functions"][entry["method"]]
+        assert fn["inputs"] == entry["inputs"], gid
+        assert fn["outputs"] == entry["outputs"] == g.signature()["outputs"], gid
+        want = [{**t, "dtype": "int32" if t["dtype"] == "int64" else t["dtype"]} for t in g.signature()["inputs"]]
+        assert entry["inputs"] == want, gid
+        assert {t["name"] for t in entry["inputs"] if t["dtype"] == "int32"} <= INT_INPUTS
+        assert all(t["dtype"] == "float32" for t in entry["outputs"])
+    ints = {gid: [t["name"] for t in e["inputs"] if t["dtype"] == "int32"] for (_, gid), (_, _, e) in lowered.items()}
+    assert ints["embed.embed_chunk"] == ["input_ids", "offset"]
+    assert ints["head.head_chunk"] == ["labels", "offset"] and ints["head.head_finish"] == ["labels"]
 
 
-@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
-def test_predictions_match_eager_on_macos(layer_package):
-    out, defs, lowered, _ = layer_package
-    lora = [v.float() for v in random_lora(SPEC, LORA).values()]
-    x = torch.randn(1, LORA.seq_len, SPEC.hidden_size)
-    for g, d, inputs in zip(lowered, defs, ([x, *lora], [x, torch.randn_like(x), *lora])):
-        got = BACKEND.load(out, g.to_dict())([t.numpy() for t in inputs])
-        with torch.no_grad():
-            want = d.module(*inputs)
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("method", gd.METHODS)
+def test_layer_weights_are_constants_stored_once(lowered, method):
+    fwd, bwd = lowered[method, "layer_00.layer_forward"], lowered[method, "layer_00.layer_backward"]
+    frozen = {gd.ident(n) for n in SPEC.layer_weight_shapes()}
+    assert [t["name"] for t in fwd[2]["inputs"]] == ["x", *[t.name for t in gd.lora_inputs(step_shapes(method))]]
+    assert not frozen & {t["name"] for t in bwd[2]["inputs"]}
+    constants = fwd[2]["constant_bytes"]
+    assert constants == bwd[2]["constant_bytes"] == sum(4 * np.prod(s) for s in SPEC.layer_weight_shapes().values())
+    stored = describe_package(fwd[0] / fwd[2]["file"])["weight_bin_bytes"]
+    # once, plus a little (64-byte alignment, the causal mask, zero biases); twice would be >= 2.0
+    assert 1.0 <= stored / constants <= SHARED_WEIGHTS_SLACK, (stored, constants)
 
 
-def test_bundle_builds_and_verifies_what_it_can_off_macos(tiny_checkpoint, tmp_path, capsys):
-    import json
+def test_where_fill_rewrite_keeps_values(lowered):
+    """`where(c, fill, x)` -> `masked_fill`, so that Core ML stores no broadcast fill constant: same outputs."""
+    for key, rewrites in ((("common", "embed.embed_chunk"), 1), (("common", "head.head_chunk"), 1),
+                          (("mebp", "layer_00.layer_backward"), 2), (("common", "head.head_finish"), 0)):
+        g = lowered[key][1]
+        exported = torch.export.export(g.module, g.example_inputs()).run_decompositions({})
+        inputs = [torch.tensor([ROWS]) if t.name == "offset" else tokens(labels=True) if t.dtype == "int64"
+                  else torch.randn(t.shape) for t in g.inputs]
+        before = exported.module()(*inputs)
+        assert where_fill_to_masked_fill(exported) == rewrites, key
+        assert rewrites == 0 or torch.ops.aten.where.self not in {n.target for n in exported.graph.nodes}
+        for a, b in zip(before, exported.module()(*inputs)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    # the embed and head packages hold no constant at all
+    for key in (("common", "embed.embed_chunk"), ("common", "head.head_chunk")):
+        folder, _, entry = lowered[key]
+        assert describe_package(folder / entry["file"])["weight_bin_bytes"] == 0
 
+
+def test_runtime_harness_offline_check_accepts_packages(lowered):
+    from runtime_harness.coreml_check import verify_coreml_offline
+
+    for variant in ("mesp", "common"):
+        entries = {gid: e for (v, gid), (_, _, e) in lowered.items() if v == variant}
+        folder = next(f for (v, _), (f, _, _) in lowered.items() if v == variant)
+        report = verify_coreml_offline(folder, {"graphs": entries, "files": {}})
+        assert report["ok"], report["lines"]
+    bad = json.loads(json.dumps(entries))
+    bad["embed.embed_chunk"]["inputs"][0]["dtype"] = "int64"
+    report = verify_coreml_offline(folder, {"graphs": bad, "files": {}})
+    assert not report["ok"] and "embed_chunk inputs differ" in report["problems"][0]
+
+
+def test_bundle_builds_and_verifies_what_it_can(tiny_checkpoint, tmp_path, capsys):
+    """`build` + `runtime_harness verify`: off macOS the structure (checksums, manifest, signatures, shared
+    weights), on macOS the replayed step. mebp: the quicker layer conversion (mesp is converted above)."""
     from exporter.build import Reporter, build
     from exporter.cache import ArtifactCache
     from exporter.config import BuildConfig
     from runtime_harness.cli import main as harness_main
 
     bundle = tmp_path / "bundle"
-    build(BuildConfig(model=str(tiny_checkpoint), backend="coreml", out=bundle, lora=LORA, vocab_chunk_rows=128),
-          Reporter(progress=False), ArtifactCache.disabled())
+    build(BuildConfig(model=str(tiny_checkpoint), backend="coreml", out=bundle, lora=LORA, method="mebp",
+                      vocab_chunk_rows=ROWS), Reporter(progress=False), ArtifactCache.disabled())
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["weights"]["layers_in_graphs"] and not (bundle / "weights" / "layer_00.safetensors").exists()
     assert {g["file"] for g in manifest["graphs"].values()} == {
         "graphs/embed.mlpackage", "graphs/head.mlpackage", "graphs/optimizer.mlpackage",
         "graphs/layer_00.mlpackage", "graphs/layer_01.mlpackage"}
+    report = ["verify", str(bundle), "--report", str(tmp_path / "r.json")]
+    assert harness_main(report) == 0
     if sys.platform == "darwin":
-        assert harness_main(["verify", str(bundle), "--report", str(tmp_path / "r.json")]) == 0
         return
-    assert harness_main(["verify", str(bundle), "--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "Core ML prediction needs macOS" in out and "PASS (structure)" in out
+    assert "layer_01.mlpackage: functions layer_forward, layer_backward match the manifest, weights" in out
     # an altered package is caught by its checksum
-    weights = bundle / "graphs/layer_01.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    weights = bundle / "graphs/layer_01.mlpackage" / WEIGHTS_BIN
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
-    assert harness_main(["verify", str(bundle), "--report", str(tmp_path / "r.json")]) == 2
+    assert harness_main(report) == 2
+
+
+@off_macos
+def test_load_needs_macos(lowered):
+    folder, _, entry = lowered["mesp", "layer_00.layer_forward"]
+    with pytest.raises(RuntimeUnavailable, match="macOS"):
+        BACKEND.load(folder, entry)
+
+
+# ------------------------------------------------------------------------------- predictions (macOS)
+
+def run_both(item, inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    folder, g, entry = item
+    got = BACKEND.load(folder, entry)([t.numpy() for t in inputs])  # int64 arrays: load casts to int32
+    with torch.no_grad():
+        want = [t.numpy() for t in g.module(*inputs)]
+    assert len(got) == len(want) == len(entry["outputs"])
+    for o, spec in zip(got, entry["outputs"]):
+        assert list(o.shape) == spec["shape"] and o.dtype == np.dtype(spec["dtype"])
+    return got, want
+
+
+def assert_close(got, want, names):
+    """rtol 1e-4, plus atol 1e-5 of the output's largest magnitude (for values near zero)."""
+    for g, w, n in zip(got, want, names):
+        atol = 1e-5 * max(1.0, float(np.abs(w[np.isfinite(w)]).max(initial=0.0)))
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=atol, err_msg=n)
+
+
+def tokens(labels: bool = False) -> torch.Tensor:
+    ids = torch.randint(0, SPEC.vocab_size, (LORA.batch, LORA.seq_len))
+    ids[0, 0], ids[0, -1] = 0, SPEC.vocab_size - 1
+    if labels:
+        ids[0, 3] = ids[0, 9] = head_math.IGNORE_INDEX
+    return ids
+
+
+@on_macos
+def test_embed_chunk_predicts_as_eager(lowered):
+    C, H = step_shapes().chunk_rows, SPEC.hidden_size
+    item = lowered["common", "embed.embed_chunk"]
+    for offset in (0, C, 2 * C):
+        inputs = [tokens(), torch.randn(C, H), torch.tensor([offset]), torch.randn(LORA.batch, LORA.seq_len, H)]
+        got, want = run_both(item, inputs)
+        assert_close(got, want, ["acc_out"])
+
+
+@on_macos
+@pytest.mark.parametrize("method", gd.METHODS)
+def test_layer_predicts_as_eager(lowered, method):
+    lora = {k: v.float() for k, v in random_lora(SPEC, LORA).items()}
+    adapters = [lora[n] for n in step_shapes().lora_names()]
+    hidden = (LORA.batch, LORA.seq_len, SPEC.hidden_size)
+    x, dy = torch.randn(hidden), torch.randn(hidden)
+    got, want = run_both(lowered[method, "layer_00.layer_forward"], [x, *adapters])
+    assert_close(got, want, ["y"])
+    bwd = lowered[method, "layer_00.layer_backward"]
+    got, want = run_both(bwd, [x, dy, *adapters])
+    assert all(np.abs(w).max() > 0 for w in want)
+    assert_close(got, want, [t.name for t in bwd[1].outputs])
+
+
+@on_macos
+def test_head_predicts_as_eager(lowered):
+    s = step_shapes()
+    C, H, V = s.chunk_rows, SPEC.hidden_size, SPEC.vocab_size
+    E = torch.randn(C * s.num_chunks, H)
+    E[V:] = 0
+    x, w = torch.randn(LORA.batch, LORA.seq_len, H), 1 + 0.1 * torch.randn(H)
+    labels = tokens(labels=True)
+    state = [torch.full(s.tokens, float("-inf")), torch.zeros(s.tokens), torch.zeros(s.hidden), torch.zeros(s.hidden)]
+    item = lowered["common", "head.head_chunk"]
+    for c in range(s.num_chunks):
+        got, want = run_both(item, [x, w, labels, E[c * C:(c + 1) * C], torch.tensor([c * C]), *state])
+        assert_close(got, want, [t.name for t in item[1].outputs])
+        state = [torch.from_numpy(t) for t in want]
+    fin = lowered["common", "head.head_finish"]
+    got, want = run_both(fin, [x, w, labels, *state])
+    assert_close(got, want, ["loss", "dx"])
+
+
+@on_macos
+@pytest.mark.parametrize("optimizer", gd.OPTIMIZERS)
+def test_optimizer_predicts_as_eager(lowered, optimizer):
+    item = lowered[optimizer, "optimizer.optimizer"]
+    shapes = list(LORA.layer_lora_shapes(SPEC).values())
+    params, grads = [torch.randn(sh) for sh in shapes], [torch.randn(sh) for sh in shapes]
+    head = [torch.tensor([1e-2])] + ([torch.tensor([3.0])] if optimizer == "adamw" else [])
+    moments = [torch.randn(sh) * 0.1 for sh in shapes] + [torch.rand(sh) * 0.01 for sh in shapes]
+    got, want = run_both(item, head + params + grads + (moments if optimizer == "adamw" else []))
+    assert_close(got, want, [t.name for t in item[1].outputs])

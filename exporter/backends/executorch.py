@@ -1,8 +1,8 @@
 """ExecuTorch: each program is one `.pte` whose methods are its graphs (method name = graph kind; e.g.
 `layer_forward` and `layer_backward` are two methods of `graphs/layer.pte`).
 
-Lowering: `torch.export` of every graph -> `to_edge_transform_and_lower({kind: program, ...})` ->
-`to_executorch` with ExecuTorch's memory planner. Frozen weights are graph inputs
+Lowering: `torch.export` of every graph -> `to_edge({kind: program, ...})` -> `to_executorch` with
+ExecuTorch's memory planner. Frozen weights are graph inputs
 (`weights_in_graphs = False`): one `layer.pte` serves every layer.
 
 No delegate: graphs run on the runtime's CPU kernel library. Then every intermediate tensor is placed by
@@ -38,15 +38,17 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64)}
 
 def lower_to_executorch(graphs: list[GraphDef]):
     """`graphs` as one ExecuTorch program (an `ExecutorchProgramManager`), one method per graph kind."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes import MemoryPlanningPass
 
     kinds = [g.kind for g in graphs]
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"one program cannot hold two graphs of one kind: {kinds}")
     exported = {g.kind: torch.export.export(g.module, g.example_inputs()) for g in graphs}
-    # The edge dialect's IR check stays on: an op outside core ATen fails here, not on the device.
-    edge = to_edge_transform_and_lower(exported, compile_config=EdgeCompileConfig(_check_ir_validity=True))
+    # No partitioner, so `to_edge`: the same program as `to_edge_transform_and_lower(exported)` (byte for
+    # byte) with one decomposition pass instead of two. The edge dialect's IR check stays on: an op
+    # outside core ATen fails here, not on the device.
+    edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=True))
     return edge.to_executorch(ExecutorchBackendConfig(
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, alloc_graph_output=True)))
 
