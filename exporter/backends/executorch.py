@@ -15,7 +15,7 @@ them. Each delegate keeps its intermediates in XNNPACK's own
 workspace, which the plan does not show, and the tensors passed between partitions take more planned
 memory. The planned arena of the MeSP layer_backward grew from 23.5 MB to 81.6 MB (MeBP: 111.7 to
 136.9 MB), still without XNNPACK's share, so the figure no longer measured what a call needs. Lowering
-was 1.4-2.2x slower, a layer_backward call only 1.1-1.4x faster (the runtime's CPU kernels are not
+was 1.4-2.5x slower, a layer_backward call only 1.1-1.4x faster (the runtime's CPU kernels are not
 naive), and accuracy the same (within 2e-6 of the largest value vs eager).
 
 Graph inputs are not planned (`alloc_graph_input=False`): the app passes its own buffers (mmapped
