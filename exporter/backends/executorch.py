@@ -2,21 +2,22 @@
 `layer_forward` and `layer_backward` are two methods of `graphs/layer.pte`).
 
 Lowering: `torch.export` of every graph -> `to_edge({kind: program, ...})` -> `to_executorch` with
-ExecuTorch's memory planner. Frozen weights are graph inputs
-(`weights_in_graphs = False`): one `layer.pte` serves every layer.
+ExecuTorch's memory planner. Frozen weights are graph inputs (`weights_in_graphs = False`): one
+`layer.pte` serves every layer.
 
 No delegate: graphs run on the runtime's CPU kernel library. Then every intermediate tensor is placed by
 ExecuTorch's memory planner, and the method's `non_const_buffer_sizes` is the exact activation arena of
 one call, recorded as `arena_bytes`.
 
-XNNPACK was measured and not chosen (Qwen2.5-0.5B layer, seq 256, rank 8, two CPU cores). The graphs
-split into 16-28 XNNPACK partitions per method, and most matmuls, masks and reductions stay outside
-them. Each delegate keeps its intermediates in XNNPACK's own
-workspace, which the plan does not show, and the tensors passed between partitions take more planned
-memory. The planned arena of the MeSP layer_backward grew from 23.5 MB to 81.6 MB (MeBP: 111.7 to
-136.9 MB), still without XNNPACK's share, so the figure no longer measured what a call needs. Lowering
-was 1.4-2.5x slower, a layer_backward call only 1.1-1.4x faster (the runtime's CPU kernels are not
-naive), and accuracy the same (within 2e-6 of the largest value vs eager).
+XNNPACK was measured and not chosen (Qwen2.5-0.5B layer, seq 256, rank 8, two CPU cores). A layer
+method splits into many XNNPACK partitions (16 for layer_forward, 27-28 for layer_backward at the test
+spec), and most matmuls, masks and reductions stay outside them. Each delegate keeps its intermediates
+in XNNPACK's own workspace, which the plan does not show, and the tensors passed between partitions
+take more planned memory. The planned arena of the MeSP layer_backward grew from 23.5 MB to 81.6 MB
+(MeBP: 111.7 to 136.9 MB), still without XNNPACK's share, so the figure no longer measured what a call
+needs. Lowering took about 2.2x as long, a layer_backward call was only 1.1x (MeSP) to 1.5x (MeBP)
+faster (the runtime's CPU kernels are not naive: 0.8 s vs 0.7 s for MeSP), and accuracy was the same
+(within 2e-6 of the largest value vs eager).
 
 Graph inputs are not planned (`alloc_graph_input=False`): the app passes its own buffers (mmapped
 weights, its tensor store) and ExecuTorch reads them in place. Outputs are planned
