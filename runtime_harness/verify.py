@@ -9,13 +9,12 @@
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from exporter import schedule as sched
+from exporter.build import sha256_file
 from runtime_harness.runner import BundleError, BundleRunner, load_manifest
 
 COSINE_MIN = 0.99999
@@ -30,11 +29,7 @@ def check_files(bundle: Path, manifest: dict) -> None:
             raise BundleError(f"{bundle}: {rel} is missing")
         if path.stat().st_size != info["bytes"]:
             raise BundleError(f"{bundle}: {rel} was altered (size {path.stat().st_size}, manifest says {info['bytes']})")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise BundleError(f"{bundle}: {rel} was altered (sha256 mismatch)")
 
 
