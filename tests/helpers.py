@@ -1,6 +1,12 @@
-"""Helpers shared by the tests: the tiny architecture, random tensors, and real HF checkpoints."""
+"""Helpers shared by the tests: the tiny architecture, random tensors, and real HF checkpoints.
+
+Everything here is deterministic given `torch.manual_seed` (the autouse `seed` fixture pins it to 0).
+Layer tensors use the names of `ModelSpec.layer_weight_shapes` / `LoraConfig.layer_lora_shapes`
+(Hugging Face names relative to the layer, e.g. `self_attn.q_proj.weight`, `mlp.up_proj.lora_A`).
+"""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,17 +37,37 @@ def random_lora(spec: ModelSpec, lora: LoraConfig, dtype=torch.float64, scale: f
 
 
 def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0):
-    """A real `transformers` Qwen2ForCausalLM of `spec`, saved to `folder` with safetensors; returns the model."""
+    """A real `transformers.Qwen2ForCausalLM` of `spec` (float32, eager attention), saved to `folder` with
+    `save_pretrained` (safetensors); returns the model, in eval mode.
+
+    Biases and norm weights are perturbed away from their zero / one initialization, so that a test
+    which loads them wrongly (or forgets them) fails.
+    """
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(**{k: v for k, v in spec.to_hf_config().items()
-                                         if k not in ("model_type", "architectures")})
-    config._attn_implementation = "eager"
+    fields = {k: v for k, v in spec.to_hf_config().items() if k not in ("model_type", "architectures")}
+    config = transformers.Qwen2Config(**fields, dtype="float32", attn_implementation="eager")
+    config._attn_implementation = "eager"  # older transformers ignore the constructor argument
     model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():  # nonzero biases and non-unit norms, so that loading them wrongly shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with `torch.set_num_threads(n)`, then restore the previous count.
+
+    Tiny-tensor tests are dominated by OpenMP synchronisation; one thread makes them many times faster
+    (and their timing independent of whatever else runs on the machine's cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
