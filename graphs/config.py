@@ -5,7 +5,7 @@ literally per model); `LoraConfig` holds every training setting. Derived sizes a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 # LoRA target short names -> the Qwen2 decoder-layer module they adapt (Hugging Face names).
 TARGET_MODULES: dict[str, str] = {

@@ -112,7 +112,7 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
             if method == "mezo":
                 return _mezo_step(runner, store, lora_names, ids, labels, lr, seed * 1000 + next(counter))
             loss, _ = runner.step(store, ids, labels, lr, keep=lambda n: n.startswith("grad."))
-            grads = {peft: store.pop("grad." + state[len("lora."):]) for state, peft in lora_names}
+            grads = {peft_name: store.pop("grad." + state[len("lora."):]) for state, peft_name in lora_names}
             return loss, grads
 
     _reset_peak()

@@ -5,7 +5,6 @@ Lowering to the real runtimes is covered in tests/test_backend_*.py and tests/te
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
