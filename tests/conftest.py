@@ -24,3 +24,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     make_hf_checkpoint(tiny_spec(), folder, seed=0)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint (same weights) with a ChatML byte-level tokenizer saved beside it."""
+    from helpers import make_chat_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2-chat")
+    make_hf_checkpoint(tiny_spec(), folder, seed=0)
+    make_chat_tokenizer(folder)
+    return folder
