@@ -178,6 +178,8 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
     if state and state["data_sha256"] != data.sha256:
         raise BundleError(f"{config.data} is not the data {config.resume} was trained on (its sha256 differs), "
                           "so the run cannot continue where it stopped")
+    if config.eval_every is not None and (config.eval_every <= 0 or evaluation is None):
+        raise BundleError("--eval-every needs a positive count and --eval-data or --eval-fraction")
     every = config.eval_every or max(1, config.steps // EVALS_PER_RUN)
     batches = eval_batches(evaluation, m["batch"], int(codec.pad_token_id)) if evaluation is not None else None
 

@@ -41,3 +41,21 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     make_chat_tokenizer(folder)
     return folder
+
+
+RUNTIMES = ["executorch", "ort"]
+
+
+@pytest.fixture(scope="session", params=RUNTIMES)
+def tiny_bundle(request, tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint (no tokenizer: bytes) built for each runtime, sequence 16, SGD; built once."""
+    from exporter.build import Reporter, build
+    from exporter.cache import ArtifactCache
+    from exporter.config import BuildConfig
+    from graphs.config import LoraConfig
+
+    out = tmp_path_factory.mktemp("bundles") / f"tiny-{request.param}"
+    cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")
+    build(BuildConfig(model=str(tiny_checkpoint), backend=request.param, out=out, lora=LoraConfig(rank=4, seq_len=16),
+                      vocab_chunk_rows=128), Reporter(progress=False), cache)
+    return out

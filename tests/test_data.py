@@ -196,3 +196,20 @@ def test_detection_errors(codec, tmp_path):
                           ("b.txt", "b.txt: not UTF-8 text (byte 3)")):
         with pytest.raises(DataError, match=re.escape(message)):
             load_dataset(tmp_path / name, codec, SEQ, VOCAB)
+
+
+def test_the_readme_example_builds_the_harness_rows(codec, tmp_path):
+    """The README's app-team snippet, run on the test tokenizer, gives the rows `train` trains on."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Training data for app teams", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    folder = tmp_path / "tok"
+    codec.tok.save_pretrained(str(folder))
+    scope = {}
+    exec(snippet.replace('"bundle/tokenizer"', repr(str(folder))), scope)
+    messages = scope["messages"]
+    ds = load_dataset(_jsonl(tmp_path / "c.jsonl", [{"messages": messages}]), codec, SEQ, VOCAB)
+    assert scope["input_ids"] == ds.ids[0].tolist() and scope["labels"] == ds.labels[0].tolist()
+    assert sum(l != IGNORE for l in scope["labels"]) == len(by_hand("Hello!<|im_end|>\n"))

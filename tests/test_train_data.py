@@ -50,14 +50,16 @@ def read_csv(out: Path) -> list[list[str]]:
 def peft_loss(bundle: Path, adapter_dir: Path, data: Path) -> float:
     """transformers + PEFT loss over every row of `data` at once: the mean over all counted tokens."""
     from exporter.adapter import read_adapter
-    from runtime_harness.data import HFCodec, load_dataset
-    from transformers import AutoTokenizer
+    from runtime_harness.data import load_codec, load_dataset
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    ds = load_dataset(data, HFCodec(AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))), SEQ_LEN, 320)
+    ds = load_dataset(data, load_codec(bundle, manifest), manifest["seq_len"], 320)
     adapter = {k: v.numpy() for k, v in read_adapter(adapter_dir)[1].items()}
     model = reference.peft_model(reference.base_model(bundle, manifest), manifest, adapter)
     return reference.loss_only(model, ds.ids, ds.labels)
+
+
+CHAT_OK = chat("cats")
 
 
 def test_the_bundle_carries_the_chat_template(chat_bundle):
@@ -129,7 +131,6 @@ def test_resume_refuses_other_data_and_a_folder_that_is_not_a_run(chat_bundle, t
     assert (tmp_path / "run" / "train_state.json").read_text() == before
 
 
-CHAT_OK = chat("cats")
 
 
 @pytest.mark.parametrize("records, line, message", [
@@ -169,3 +170,22 @@ def test_messages_need_the_checkpoints_chat_template(chat_bundle, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {data}, line 1: ") and "its tokenizer has no chat template" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_byte_level_bundles_train_on_jsonl_on_every_runtime(tiny_bundle, tmp_path, capsys):
+    """The tokenizer-less tiny bundles (ExecuTorch and ORT, sequence 16, bytes): prompt-completion JSONL with
+    a held-out eval file; the logged eval loss is PEFT's loss of the saved adapter on the eval rows."""
+    data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"{t}?", "completion": f" {t}!"} for t in TOPICS[:6]])
+    held = write_jsonl(tmp_path / "ev.jsonl", [{"input_ids": [99, 97, 116, 115, 63, 32, 99, 97, 116],
+                                                "labels": [-100] * 5 + [32, 99, 97, 116]}])
+    out = tmp_path / "run"
+    _train(tiny_bundle, "--data", data, "--eval-data", held, "--steps", 4, "--eval-every", 2, "--lr", 0.05,
+           "--out", out)
+    assert "prompt-completion data, 6 training examples (bytes), 1 eval examples" in capsys.readouterr().out
+    evals = [float(r[3]) for r in read_csv(out)[1:] if r[3]]
+    assert len(evals) == 2
+    assert abs(peft_loss(tiny_bundle, out / "adapter", held) - evals[-1]) <= 1e-4 * evals[-1]
+    chat_data = write_jsonl(tmp_path / "c.jsonl", [CHAT_OK])
+    assert harness_main(["train", str(tiny_bundle), "--data", str(chat_data), "--steps", "1",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert f"{chat_data}, line 1: " in capsys.readouterr().err and not (tmp_path / "o").exists()
