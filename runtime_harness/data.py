@@ -75,14 +75,15 @@ class Dataset:
     labels: np.ndarray
     lines: np.ndarray
     truncated: int
-    sha256: str
+    pad_id: int
+    sha256: str = ""
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: np.ndarray) -> "Dataset":
         return Dataset(self.path, self.format, self.ids[index], self.labels[index], self.lines[index],
-                       self.truncated, self.sha256)
+                       self.truncated, self.pad_id, self.sha256)
 
 
 # -- tokenizers ------------------------------------------------------------------------------------
@@ -147,7 +148,11 @@ def chat_example(messages: list[dict], codec) -> tuple[list[int], list[int]]:
             raise ValueError("the chat template does not render this conversation's beginnings as prefixes of "
                              "the whole (it rewrites earlier turns), so assistant tokens cannot be located")
         spans.append((len(before), len(through)))
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError("the tokenizer gives no character offsets (not a fast tokenizer), so assistant "
+                         "tokens cannot be located") from None
     ids = list(enc["input_ids"])
     labels = [i if any(a <= start < b for a, b in spans) else IGNORE
               for i, (start, _) in zip(ids, enc["offset_mapping"])]
@@ -298,7 +303,7 @@ def pack(path: Path, fmt: str, examples: list[Example], seq_len: int, vocab: int
             raise DataError(path, ex.line, f"every label is masked{after} (the loss counts labels[1:]); "
                                            "nothing would be learned")
     lines = np.asarray([ex.line or 0 for ex in examples], dtype=np.int64)
-    return Dataset(path, fmt, ids, labels, lines, truncated, "")
+    return Dataset(path, fmt, ids, labels, lines, truncated, pad_id)
 
 
 def load_dataset(path: Path, codec, seq_len: int, vocab: int, fmt: str | None = None) -> Dataset:
@@ -340,7 +345,7 @@ def hold_out(ds: Dataset, fraction: float, seed: int, batch: int) -> tuple[Datas
     return ds.subset(np.sort(order[n_eval:])), ds.subset(np.sort(order[:n_eval]))
 
 
-def eval_batches(ds: Dataset, batch: int, pad_id: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def eval_batches(ds: Dataset, batch: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(ids, labels, counted targets) per batch, in order; the last batch is filled with rows whose
     labels are all -100, which add nothing to the loss: the token-weighted mean over the batches is
     exactly the mean over every counted eval token."""
@@ -349,7 +354,7 @@ def eval_batches(ds: Dataset, batch: int, pad_id: int) -> list[tuple[np.ndarray,
         ids, labels = ds.ids[a:a + batch], ds.labels[a:a + batch]
         if len(ids) < batch:
             fill = batch - len(ids)
-            ids = np.concatenate([ids, np.full((fill, ids.shape[1]), pad_id, dtype=np.int64)])
+            ids = np.concatenate([ids, np.full((fill, ids.shape[1]), ds.pad_id, dtype=np.int64)])
             labels = np.concatenate([labels, np.full((fill, labels.shape[1]), IGNORE, dtype=np.int64)])
         out.append((ids, labels, int((labels[:, 1:] != IGNORE).sum())))
     return out

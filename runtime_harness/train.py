@@ -181,7 +181,7 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
     if config.eval_every is not None and (config.eval_every <= 0 or evaluation is None):
         raise BundleError("--eval-every needs a positive count and --eval-data or --eval-fraction")
     every = config.eval_every or max(1, config.steps // EVALS_PER_RUN)
-    batches = eval_batches(evaluation, m["batch"], int(codec.pad_token_id)) if evaluation is not None else None
+    batches = eval_batches(evaluation, m["batch"]) if evaluation is not None else None
 
     # -- state: LoRA (and optimizer moments, step count, best adapter when resuming)
     if state:

@@ -131,7 +131,7 @@ def test_order_split_and_eval_batches(codec, tmp_path):
     train, held = hold_out(ds, 0.3, seed=0, batch=2)
     assert len(train) == 7 and len(held) == 3
     assert sorted(train.ids[:, 0].tolist() + held.ids[:, 0].tolist()) == list(range(10))
-    batches = eval_batches(held, 2, PAD)
+    batches = eval_batches(held, 2)
     assert [b[0].shape for b in batches] == [(2, 4), (2, 4)] and [b[2] for b in batches] == [4, 2]
     assert (batches[1][1][1] == IGNORE).all()  # the filler row counts nothing
 
