@@ -106,7 +106,8 @@ class HFCodec:
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
-        self.chat_template = tokenizer.chat_template
+        template = tokenizer.chat_template  # a dict of named templates: apply_chat_template uses "default"
+        self.chat_template = template.get("default") if isinstance(template, dict) else template
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
