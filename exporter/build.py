@@ -39,7 +39,7 @@ from graphs.config import ModelSpec
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 class BuildError(ValueError):

@@ -167,7 +167,7 @@ def resolve_checkpoint_folder(source: str) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.json",
-                "merges.txt", "generation_config.json", "special_tokens_map.json"]
+                "merges.txt", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"]
     try:
         folder = snapshot_download(source, allow_patterns=patterns)
     except Exception as e:  # offline, not cached, no such repo, gated

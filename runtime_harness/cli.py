@@ -35,15 +35,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", choices=RUNTIMES)
     g.add_argument("--out", type=Path, required=True)
 
-    t = sub.add_parser("train", help="fine-tune through the exported graphs; loss curve + PEFT adapter")
+    from runtime_harness.data import FORMATS
+
+    t = sub.add_parser("train", help="fine-tune through the exported graphs; loss curves + PEFT adapters")
     t.add_argument("bundle", type=Path)
-    t.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
-    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--data", type=Path, help="plain text, or JSONL of chat messages, prompt/completion pairs or "
+                                              "token ids (required unless --resume)")
+    t.add_argument("--format", choices=FORMATS, help="default: detected from the content")
+    t.add_argument("--steps", type=int, required=True, help="steps to run now (a resumed run continues its count)")
     t.add_argument("--lr", type=float, help="learning rate (default: 1e-2 for sgd, 1e-3 for adamw)")
     t.add_argument("--adapter", type=Path, help="start from this PEFT adapter (default: the bundle's)")
     t.add_argument("--runtime", choices=RUNTIMES)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", type=Path, help="default: runs/<bundle name>-train")
+    t.add_argument("--seed", type=int, help="data order and held-out split (default 0)")
+    t.add_argument("--eval-data", type=Path, help="evaluate on this file (same formats as --data)")
+    t.add_argument("--eval-fraction", type=float, help="or hold out this fraction of --data for evaluation")
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps and at the end (default: steps / 10)")
+    t.add_argument("--resume", type=Path, help="continue the run in RUN_DIR (adapter, optimizer state, step, "
+                                                "data position, settings)")
+    t.add_argument("--out", type=Path, help="default: the resumed run, else runs/<bundle name>-train")
 
     m = sub.add_parser("memory", help="planned and measured memory per call of one step, with a timeline plot")
     m.add_argument("bundle", type=Path)
@@ -131,21 +140,25 @@ def run_grads(args) -> int:
 
 
 def run_train(args) -> int:
-    from runtime_harness.train import train
+    from runtime_harness.train import TrainConfig, train
 
-    try:
-        text = args.data.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    if args.adapter and args.resume:
         from runtime_harness.runner import BundleError
-        raise BundleError(f"cannot read text from {args.data}: {e}") from None
+        raise BundleError("--resume continues the run's own adapter; --adapter cannot be combined with it")
     adapter = _read_adapter(args.adapter, args.bundle) if args.adapter else None
-    out = args.out or Path("runs") / f"{args.bundle.name}-train"
-    result = train(args.bundle, text, args.steps, out, args.lr, args.runtime, adapter, args.seed,
-                   progress=sys.stderr.isatty())
-    losses = result["losses"]
-    print(f"{len(losses)} steps over {result['windows']} windows, lr {result['lr']:g}: loss {losses[0]:.4f} -> "
-          f"{losses[-1]:.4f}; median step {sorted(result['step_seconds'])[len(losses) // 2]:.3f}s")
-    print(f"loss curve: {out / 'loss.csv'}, {out / 'loss.png'}; adapter (PEFT): {result['adapter']}")
+    config = TrainConfig(args.bundle, args.steps, args.data, args.out, args.lr, args.runtime, args.seed, args.format,
+                         args.eval_data, args.eval_fraction, args.eval_every, args.resume)
+    r = train(config, adapter, progress=sys.stderr.isatty())
+    losses = r["losses"]
+    print(f"{r['format']} data, {r['examples']} training examples ({r['tokenizer']})"
+          + (f", {r['eval_examples']} eval examples" if r["eval_examples"] else "")
+          + (f"; {r['truncated']} example(s) truncated to the sequence length" if r["truncated"] else ""))
+    print(f"steps {r['first_step']}..{r['first_step'] + len(losses) - 1}, lr {r['lr']:g}: loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f}; median step {sorted(r['step_seconds'])[len(losses) // 2]:.3f}s"
+          + (f"; best eval loss {r['best']['eval_loss']:.4f} at step {r['best']['step']}" if r["best"] else ""))
+    out = Path(r["out"])
+    print(f"loss curves: {out / 'loss.csv'}, {out / 'loss.png'}; adapter (PEFT): {r['adapter']}"
+          + (f", best: {out / 'adapter-best'}" if r["best"] else "") + f"; resume with --resume {out}")
     return 0
 
 

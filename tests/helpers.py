@@ -71,3 +71,29 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 256, 257, 258
+
+
+def make_chat_tokenizer(folder: Path, chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer without merges (ids 0..255 = the UTF-8 bytes) plus ChatML's special
+    tokens (256 <|endoftext|> = pad, 257 <|im_start|>, 258 <|im_end|> = eos): 259 tokens, which fits the
+    tiny model's vocabulary of 320. Built with `tokenizers`, wrapped in transformers'
+    PreTrainedTokenizerFast with `chat_template`, saved with `save_pretrained` into `folder`; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(folder))
+    return fast

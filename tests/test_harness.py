@@ -1,34 +1,20 @@
 """The runtime harness on real runtimes (ExecuTorch, ONNX Runtime): verify, grads, train, memory, and a
-corrupted backward graph that verify must catch. One tiny bundle per runtime, built once per session."""
+corrupted backward graph that verify must catch. One tiny bundle per runtime (conftest.tiny_bundle)."""
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from exporter.build import Reporter, build, sha256_file
-from exporter.cache import ArtifactCache
-from exporter.config import BuildConfig
+from exporter.build import sha256_file
 from graphs.config import LoraConfig
 from runtime_harness import reference
 from runtime_harness.cli import main as harness_main
 from runtime_harness.verify import compare, nonzero_adapter, seeded_batch, verify
-
-RUNTIMES = ["executorch", "ort"]
-
-
-@pytest.fixture(scope="session", params=RUNTIMES)
-def tiny_bundle(request, tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / f"tiny-{request.param}"
-    cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")
-    build(BuildConfig(model=str(tiny_checkpoint), backend=request.param, out=out, lora=LoraConfig(rank=4, seq_len=16),
-                      vocab_chunk_rows=128), Reporter(progress=False), cache)
-    return out
 
 
 def test_verify_passes(tiny_bundle, tmp_path, capsys):
