@@ -54,7 +54,7 @@ MODELS: dict[str, ModelSpec] = {
         name="gemma-3-1b", hf_repo="google/gemma-3-1b-pt", family="gemma3", vocab_size=262144, hidden_size=1152,
         intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256,
         rope_theta=1000000.0, rope_local_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        layer_types=_gemma3_layer_types(26), sliding_window=512, query_pre_attn_scalar=256.0,
+        layer_types=_gemma3_layer_types(26), sliding_window=512, query_pre_attn_scalar=256,
         max_position_embeddings=32768,
     ),
     "gemma-3-4b": ModelSpec(  # the language model of Gemma3ForConditionalGeneration
@@ -62,7 +62,7 @@ MODELS: dict[str, ModelSpec] = {
         intermediate_size=10240, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
         rope_theta=1000000.0, rope_scaling=RopeScaling(rope_type="linear", factor=8.0), rope_local_theta=10000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=True, layer_types=_gemma3_layer_types(34), sliding_window=1024,
-        query_pre_attn_scalar=256.0, max_position_embeddings=131072, checkpoint_prefix="language_model.model.",
+        query_pre_attn_scalar=256, max_position_embeddings=131072, checkpoint_prefix="language_model.model.",
     ),
     "llama-3.2-1b": ModelSpec(
         name="llama-3.2-1b", hf_repo="meta-llama/Llama-3.2-1B", family="llama", vocab_size=128256, hidden_size=2048,

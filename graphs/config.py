@@ -75,7 +75,7 @@ class ModelSpec:
     rope_scaling: RopeScaling | None = None  # of the full-attention layers
     sliding_window: int | None = None  # key positions a sliding layer sees: i - window < j <= i
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (no scaling)
-    query_pre_attn_scalar: float | None = None  # query scale = this ** -0.5; None: head_dim
+    query_pre_attn_scalar: int | None = None  # query scale = this ** -0.5; None: head_dim
     max_position_embeddings: int = 32768
     checkpoint_prefix: str = "model."  # where the text model's tensors sit in the published checkpoint
 

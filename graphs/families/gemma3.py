@@ -56,7 +56,7 @@ def read(cfg: dict) -> dict:
         local_theta = float(c["rope_local_base_freq"])
     return {**fields, "rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta,
             "layer_types": layer_types, "sliding_window": int(c["sliding_window"]),
-            "query_pre_attn_scalar": float(c["query_pre_attn_scalar"]), "checkpoint_prefix": prefix}
+            "query_pre_attn_scalar": int(c["query_pre_attn_scalar"]), "checkpoint_prefix": prefix}
 
 
 def write(spec) -> dict:
