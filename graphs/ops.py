@@ -46,33 +46,30 @@ def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, dy: Tensor, offset:
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
     """inv_freq[i] = theta ** -(2i / D) (then rescaled), float32, as Hugging Face computes it.
 
-    Computed on the host in float64 without a tensor reciprocal: the exponent is rounded to float32 as
-    transformers rounds it (arange(0, D, 2) / D in float32), theta ** -e is taken in float64 and the
-    result rounded to float32, so it equals transformers' 1 / theta ** e to float32 rounding (one ulp).
-    The returned tensor is a constant of the traced graph (no pow, no division inside it).
+    Computed on the host without a reciprocal: the exponent is rounded to float32 as transformers rounds
+    it (arange(0, D, 2) / D in float32), theta ** -e is taken in float64 and rounded to float32, so it
+    equals transformers' 1 / theta ** e to float32 rounding (one ulp); the scalings then follow
+    transformers' float32 steps (numpy float32). The returned tensor is a constant of the traced graph
+    (no pow, no division inside it).
     linear: inv_freq / factor.  llama3 (wavelength w = 2 pi / inv_freq, L = original_max):
         w > L / low: inv_freq / factor;   w < L / high: inv_freq;
         otherwise (1 - s) inv_freq / factor + s inv_freq,  s = (L / w - low) / (high - low).
     """
     exps = (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)).astype(np.float64)
-    inv = [float(np.float32(theta ** -float(e))) for e in exps]
+    inv = np.array([theta ** -float(e) for e in exps], dtype=np.float64).astype(np.float32)
+    f32 = np.float32
     if scaling is not None and scaling.rope_type == "linear":
-        inv = [f / scaling.factor for f in inv]
-    elif scaling is not None and scaling.rope_type == "llama3":
-        L, lo, hi, factor = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
-                             scaling.high_freq_factor, scaling.factor)
-        out = []
-        for f in inv:
-            wavelen = 2 * math.pi / f
-            if wavelen < L / hi:
-                out.append(f)
-            elif wavelen > L / lo:
-                out.append(f / factor)
-            else:
-                s = (L / wavelen - lo) / (hi - lo)
-                out.append((1 - s) * f / factor + s * f)
-        inv = out
-    return torch.tensor(inv, dtype=torch.float32)
+        inv = inv / f32(scaling.factor)
+    elif scaling is not None and scaling.rope_type == "llama3":  # transformers' float32 steps, on the host
+        L, lo, hi, factor = (f32(scaling.original_max_position_embeddings), f32(scaling.low_freq_factor),
+                             f32(scaling.high_freq_factor), f32(scaling.factor))
+        wavelen = f32(2 * math.pi) / inv
+        scaled = np.where(wavelen > L / lo, inv / factor, inv)
+        smooth = (L / wavelen - lo) / (hi - lo)
+        smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < L / hi) & ~(wavelen > L / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return torch.tensor(inv.tolist(), dtype=torch.float32)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype,

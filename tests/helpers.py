@@ -68,17 +68,20 @@ def hf_config_object(spec: ModelSpec):
     return config
 
 
-def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0):
+def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, init_std: float | None = None):
     """A real transformers causal LM of `spec` (its family's class, e.g. `Qwen2ForCausalLM`; float32, eager
     attention), saved to `folder` with `save_pretrained` (safetensors); returns the model, in eval mode.
 
     Biases and norm weights are perturbed away from their zero / one initialization, so that a test
-    which loads them wrongly (or forgets them) fails.
+    which loads them wrongly (or forgets them) fails. `init_std` (default: transformers' 0.02) larger
+    makes attention far from uniform, so that positions (RoPE, masks) change the loss visibly.
     """
     import transformers
 
     torch.manual_seed(seed)
     config = hf_config_object(spec)
+    if init_std is not None:
+        config.initializer_range = init_std
     model_class = getattr(transformers, get_family(spec.family).hf_architecture)
     model = model_class(config).to(torch.float32).eval()
     with torch.no_grad():
