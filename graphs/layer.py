@@ -77,7 +77,10 @@ class _Layer:
 
 def decoder_layer_forward(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
                           spec: ModelSpec, scale: float, attention: str | None = None) -> Tensor:
-    """y = DecoderLayer(x) as in the module docstring, over the full (S, S) scores.  x (B, S, H) -> y (B, S, H)."""
+    """y = DecoderLayer(x) as in the module docstring.  x (B, S, H) -> y (B, S, H).
+
+    Full attention over the (S, S) scores; a sliding layer shorter than S over its bands (`ops.attention_blocks`),
+    so that the autodiff backward of this forward also stores O(S window) probabilities, not O(S^2)."""
     B, S, H = x.shape
     L = _Layer(spec, weights, attention, S, x.dtype)
     nh, nkv, D = L.nh, L.nkv, L.D
@@ -86,7 +89,13 @@ def decoder_layer_forward(x: Tensor, weights: dict[str, Tensor], lora: dict[str,
     q = _proj(a, weights, lora, "self_attn.q_proj", scale).view(B, S, nh, D).transpose(1, 2)  # (B, nh, S, D)
     k = _proj(a, weights, lora, "self_attn.k_proj", scale).view(B, S, nkv, D).transpose(1, 2)  # (B, nkv, S, D)
     v = _proj(a, weights, lora, "self_attn.v_proj", scale).view(B, S, nkv, D).transpose(1, 2)  # (B, nkv, S, D)
-    o = ops.attention(L.qk("q", q), L.qk("k", k), v, L.qscale, L.window)
+    q, k = L.qk("q", q), L.qk("k", k)
+    if L.window is not None and L.window < S:  # sliding: band by band, so autodiff (MeBP) keeps O(S window)
+        qg = q.reshape(B * nkv, L.g, S, D)  # (B*nkv, g, S, D): kv head j's g query heads
+        o = ops.group_attention(qg, k.reshape(B * nkv, S, D), v.reshape(B * nkv, S, D), L.qscale, L.window)
+        o = o.view(B, nh, S, D)
+    else:
+        o = ops.attention(q, k, v, L.qscale, L.window)
     o = o.transpose(1, 2).reshape(B, S, nh * D)  # (B, S, nh*D)
     h1 = x + L.norm("attn_out", _proj(o, weights, lora, "self_attn.o_proj", scale))
 

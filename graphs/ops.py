@@ -136,6 +136,11 @@ def attention_blocks(seq_len: int, window: int | None) -> list[tuple[slice, slic
             for s in range(0, seq_len, window)]
 
 
+def _rows(t: Tensor, sl: slice) -> Tensor:
+    """t[..., sl, :], or t itself when sl is every row (a full slice would trace to an `alias` op)."""
+    return t if sl.start == 0 and sl.stop == t.shape[-2] else t[..., sl, :]
+
+
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
     """p = softmax(q k^T * scale + mask), scale = D ** -0.5 unless given.
     q (..., Sq, D), k (..., Sk, D) broadcast -> (..., Sq, Sk)."""
@@ -152,9 +157,9 @@ def group_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     k1, v1 = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, S, D)
     outs = []
     for qs, ks in attention_blocks(S, window):
-        p = attention_probs(q[..., qs, :], k1[..., ks, :], band_mask(qs.start, qs.stop, ks.start, ks.stop, window),
+        p = attention_probs(_rows(q, qs), _rows(k1, ks), band_mask(qs.start, qs.stop, ks.start, ks.stop, window),
                             scale)  # (B, g, |qs|, |ks|)
-        outs.append(p @ v1[..., ks, :])
+        outs.append(p @ _rows(v1, ks))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
@@ -172,8 +177,8 @@ def group_attention_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale:
     k1, v1 = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, S, D)
     dqs, dk, dv = [], None, None
     for qs, ks in attention_blocks(S, window):
-        qb, dob = q[..., qs, :], do[..., qs, :]
-        kb, vb = k1[..., ks, :], v1[..., ks, :]
+        qb, dob = _rows(q, qs), _rows(do, qs)
+        kb, vb = _rows(k1, ks), _rows(v1, ks)
         p = attention_probs(qb, kb, band_mask(qs.start, qs.stop, ks.start, ks.stop, window), scale)
         dv_b = (p.transpose(-1, -2) @ dob).sum(1)  # (B, |ks|, D)
         dp = dob @ vb.transpose(-1, -2)
