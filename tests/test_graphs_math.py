@@ -189,6 +189,27 @@ def test_structured_forward_equals_forward(spec_name, mlp_blocks):
                    layer.decoder_layer_forward(x, W, lora, spec, 2.0, kind)) <= TOL
 
 
+@pytest.mark.parametrize("fn", ["backward", "forward_structured", "forward", "backward_autodiff"])
+def test_sliding_layer_never_forms_sequence_by_sequence_scores(fn, monkeypatch):
+    """Every score block a sliding layer computes spans at most `window` queries x (2 window - 1) keys."""
+    spec = TINY_FAMILY_SPECS["gemma3"]
+    S, W = 23, spec.sliding_window
+    shapes = []
+    real = ops.attention_probs
+
+    def spy(q, k, mask, scale=None):
+        shapes.append(mask.shape)
+        return real(q, k, mask, scale)
+
+    monkeypatch.setattr(ops, "attention_probs", spy)
+    weights = random_layer_weights(spec, F64)
+    lora = random_lora(spec, LoraConfig(rank=2, seq_len=S), F64)
+    x = torch.randn(1, S, spec.hidden_size, dtype=F64)
+    args = {"backward": (x, torch.randn_like(x)), "backward_autodiff": (x, torch.randn_like(x))}.get(fn, (x,))
+    getattr(layer, f"decoder_layer_{fn}")(*args, weights, lora, spec, 2.0, attention="sliding_attention")
+    assert shapes and all(q <= W and k <= 2 * W - 1 for q, k in shapes), shapes
+
+
 def test_sliding_layer_differs_from_full_layer():
     """The window matters: the same gemma3 weights give different outputs as a sliding and a full layer."""
     spec = TINY_FAMILY_SPECS["gemma3"]
