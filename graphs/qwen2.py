@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from graphs.layer import (  # noqa: F401
+from graphs.layer import (
     decoder_layer_backward,
     decoder_layer_backward_autodiff,
     decoder_layer_forward,
     decoder_layer_forward_structured,
 )
-from graphs.ops import (  # noqa: F401
+from graphs.ops import (
     apply_rope,
     apply_rope_backward,
     attention_probs,
@@ -29,6 +29,10 @@ from graphs.ops import (  # noqa: F401
 from graphs import ops
 
 Tensor = torch.Tensor
+__all__ = ["apply_rope", "apply_rope_backward", "attention_probs", "causal_attention", "causal_attention_backward",
+           "causal_mask", "decoder_layer_backward", "decoder_layer_backward_autodiff", "decoder_layer_forward",
+           "decoder_layer_forward_structured", "lora_linear", "lora_linear_backward", "rms_norm", "rms_norm_backward",
+           "rope_cos_sin", "rotate_half"]
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
