@@ -42,6 +42,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
+# Families whose graphs, schedule and reference the exporter dispatches; the others (graphs/families/)
+# have their math in graphs/ but are refused here until the exporter dispatches through the family seam.
+BUILDABLE_FAMILIES = ("qwen2",)
+
+
 class BuildError(ValueError):
     """A build that cannot go ahead; the message is one line for the user."""
 
@@ -67,6 +72,9 @@ def resolve(config: BuildConfig) -> Resolved:
         raise BuildError("--vocab-chunk-rows and --mlp-blocks must be positive")
     try:
         spec, model_folder = _resolve_model(config.model)
+        if spec.family not in BUILDABLE_FAMILIES:
+            raise BuildError(f"{spec.name}: the exporter cannot build {spec.family} models yet "
+                             f"(buildable families: {', '.join(BUILDABLE_FAMILIES)})")
         config.lora.validate_for(spec)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
         if weights_source is None:

@@ -73,9 +73,9 @@ def list_models() -> int:
 
     lora = LoraConfig()
     print(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, targets {','.join(lora.targets)}")
-    print(f"{'model':<14} {'hf repo':<20} {'layers':>6} {'hidden':>6} {'parameters':>15} {'LoRA params':>12}")
+    print(f"{'model':<14} {'hf repo':<24} {'layers':>6} {'hidden':>6} {'parameters':>15} {'LoRA params':>12}")
     for name, spec in MODELS.items():
-        print(f"{name:<14} {spec.hf_repo:<20} {spec.num_layers:>6} {spec.hidden_size:>6} "
+        print(f"{name:<14} {spec.hf_repo:<24} {spec.num_layers:>6} {spec.hidden_size:>6} "
               f"{spec.num_parameters():>15,} {lora.trainable_parameters(spec):>12,}")
     return 0
 

@@ -1,12 +1,23 @@
 """The model registry: every supported architecture, with its numbers written out.
 
-Values are the models' published Hugging Face `config.json` files. A local checkpoint folder or a
-Hugging Face repo id whose `config.json` has a supported `model_type` is read into the same
-`ModelSpec` by `spec_from_hf_config`.
+Values are the models' published Hugging Face `config.json` files (for gemma-3-4b, the `text_config`
+of the multimodal checkpoint plus transformers' Gemma3TextConfig defaults it relies on). A local
+checkpoint folder or a Hugging Face repo id whose `config.json` has a supported `model_type` is read
+into the same `ModelSpec` by `spec_from_hf_config` (both the hub format and transformers 5's).
 """
 from __future__ import annotations
 
-from graphs.config import ModelSpec
+from graphs.config import FULL, SLIDING, ModelSpec, RopeScaling
+from graphs.family import spec_fields_from_hf_config, supported_model_types
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+    """sliding_window_pattern 6: five sliding-window layers, then one full layer."""
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
+
+
+LLAMA3_ROPE = RopeScaling(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
 
 MODELS: dict[str, ModelSpec] = {
     "qwen2.5-0.5b": ModelSpec(
@@ -24,9 +35,50 @@ MODELS: dict[str, ModelSpec] = {
         intermediate_size=11008, num_layers=36, num_heads=16, num_kv_heads=2,
         rope_theta=1000000.0, rms_norm_eps=1e-6,
     ),
+    "qwen3-0.6b": ModelSpec(
+        name="qwen3-0.6b", hf_repo="Qwen/Qwen3-0.6B", family="qwen3", vocab_size=151936, hidden_size=1024,
+        intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-1.7b": ModelSpec(
+        name="qwen3-1.7b", hf_repo="Qwen/Qwen3-1.7B", family="qwen3", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-4b": ModelSpec(
+        name="qwen3-4b", hf_repo="Qwen/Qwen3-4B", family="qwen3", vocab_size=151936, hidden_size=2560,
+        intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960,
+    ),
+    "gemma-3-1b": ModelSpec(
+        name="gemma-3-1b", hf_repo="google/gemma-3-1b-pt", family="gemma3", vocab_size=262144, hidden_size=1152,
+        intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256,
+        rope_theta=1000000.0, rope_local_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        layer_types=_gemma3_layer_types(26), sliding_window=512, query_pre_attn_scalar=256,
+        max_position_embeddings=32768,
+    ),
+    "gemma-3-4b": ModelSpec(  # the language model of Gemma3ForConditionalGeneration
+        name="gemma-3-4b", hf_repo="google/gemma-3-4b-pt", family="gemma3", vocab_size=262208, hidden_size=2560,
+        intermediate_size=10240, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
+        rope_theta=1000000.0, rope_scaling=RopeScaling(rope_type="linear", factor=8.0), rope_local_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, layer_types=_gemma3_layer_types(34), sliding_window=1024,
+        query_pre_attn_scalar=256, max_position_embeddings=131072, checkpoint_prefix="language_model.model.",
+    ),
+    "llama-3.2-1b": ModelSpec(
+        name="llama-3.2-1b", hf_repo="meta-llama/Llama-3.2-1B", family="llama", vocab_size=128256, hidden_size=2048,
+        intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+        rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.2-3b": ModelSpec(
+        name="llama-3.2-3b", hf_repo="meta-llama/Llama-3.2-3B", family="llama", vocab_size=128256, hidden_size=3072,
+        intermediate_size=8192, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
+        rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
 }
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = supported_model_types()
 
 
 class UnsupportedModel(ValueError):
@@ -34,25 +86,13 @@ class UnsupportedModel(ValueError):
 
 
 def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSpec:
-    """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModel(
-            f"{name}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec.
+
+    Both formats: as published on the hub (`rope_theta`, `rope_scaling`, `rope_local_base_freq`,
+    `sliding_window_pattern`) and as transformers 5 writes it (`layer_types`, `rope_parameters`)."""
     try:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        if head_dim * heads != hidden:
-            raise UnsupportedModel(f"{name}: head_dim * num_attention_heads != hidden_size is not supported")
-        if config.get("use_sliding_window"):
-            raise UnsupportedModel(f"{name}: sliding-window attention is not supported")
-        return ModelSpec(
-            name=name, hf_repo=hf_repo, vocab_size=int(config["vocab_size"]), hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]), num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            rope_theta=float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
+        return ModelSpec(name=name, hf_repo=hf_repo, **spec_fields_from_hf_config(config))
     except KeyError as e:
         raise UnsupportedModel(f"{name}: config.json lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise UnsupportedModel(f"{name}: {e}") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, asdict
 
-# LoRA target short names -> the Qwen2 decoder-layer module they adapt (Hugging Face names).
+# LoRA target short names -> the decoder-layer module they adapt (Hugging Face names, every family).
 TARGET_MODULES: dict[str, str] = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -20,9 +20,42 @@ TARGET_MODULES: dict[str, str] = {
 ALL_TARGETS: tuple[str, ...] = tuple(TARGET_MODULES)
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"  # per-layer attention kinds (transformers' names)
+ATTENTION_KINDS: tuple[str, ...] = (FULL, SLIDING)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency rescaling of the full-attention layers (Hugging Face `rope_scaling`).
+
+    linear (Gemma-3-4b): inv_freq / factor.
+    llama3 (Llama-3.2): inv_freq / factor for wavelengths above original_max / low_freq_factor, unchanged
+    below original_max / high_freq_factor, smoothly interpolated between.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"RoPE scaling {self.rope_type!r} is not supported (supported: linear, llama3)")
+        if self.rope_type == "llama3" and None in (self.low_freq_factor, self.high_freq_factor,
+                                                   self.original_max_position_embeddings):
+            raise ValueError("llama3 RoPE scaling needs low_freq_factor, high_freq_factor and "
+                             "original_max_position_embeddings")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Qwen2-family decoder (tied embeddings, q/k/v bias, SwiGLU, RMSNorm, RoPE)."""
+    """A decoder-only LM of one of the families in `graphs.family` (tied or untied head, RMSNorm, RoPE, GLU MLP).
+
+    The family (`graphs.family.FAMILIES[family]`) says what a layer is (biases, norms, activation); the
+    spec holds the numbers. Optional fields default to the Qwen2 case: head_dim = hidden / heads, every
+    layer full attention, plain RoPE with base `rope_theta`, query scale head_dim ** -0.5.
+    """
 
     name: str
     hf_repo: str | None
@@ -32,42 +65,105 @@ class ModelSpec:
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    rope_theta: float
+    rope_theta: float  # RoPE base of the full-attention layers
     rms_norm_eps: float
     tie_word_embeddings: bool = True
-    model_type: str = "qwen2"
+    model_type: str | None = None  # Hugging Face model_type of the text model; None: the family's
+    family: str = "qwen2"
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: all FULL
+    rope_scaling: RopeScaling | None = None  # of the full-attention layers
+    sliding_window: int | None = None  # key positions a sliding layer sees: i - window < j <= i
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (no scaling)
+    query_pre_attn_scalar: int | None = None  # query scale = this ** -0.5; None: head_dim
+    max_position_embeddings: int = 32768
+    checkpoint_prefix: str = "model."  # where the text model's tensors sit in the published checkpoint
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        from graphs.family import get_family
+
+        fam = get_family(self.family)  # raises on an unknown family
+        if self.model_type is None:
+            object.__setattr__(self, "model_type", fam.hf_model_type)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                                 f"give head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        types = tuple(self.layer_types) if self.layer_types is not None else (FULL,) * self.num_layers
+        object.__setattr__(self, "layer_types", types)
+        if len(types) != self.num_layers:
+            raise ValueError(f"{len(types)} layer_types for {self.num_layers} layers")
+        unknown = sorted(set(types) - set(ATTENTION_KINDS))
+        if unknown:
+            raise ValueError(f"unknown layer type(s) {unknown}; supported: {', '.join(ATTENTION_KINDS)}")
+        if SLIDING in types and not (self.sliding_window and self.sliding_window > 0):
+            raise ValueError("sliding-attention layers need a positive sliding_window")
+        if isinstance(self.rope_scaling, dict):  # from to_dict() / JSON
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def query_scale(self) -> float:
+        """Attention logits are (q . k) * query_scale."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """The distinct layer types, in ATTENTION_KINDS order (one layer graph per kind)."""
+        return tuple(k for k in ATTENTION_KINDS if k in self.layer_types)
+
+    def attention_kind(self, kind: str | None = None) -> str:
+        """`kind` checked, or the spec's only kind when None (an error when layers differ)."""
+        if kind is None:
+            if len(self.attention_kinds) != 1:
+                raise ValueError(f"{self.name} mixes {', '.join(self.attention_kinds)} layers; say which")
+            return self.attention_kinds[0]
+        if kind not in self.layer_types:
+            raise ValueError(f"{self.name} has no {kind!r} layers")
+        return kind
+
+    def rope(self, kind: str) -> tuple[float, RopeScaling | None]:
+        """(base, scaling) of the RoPE that layers of attention kind `kind` use."""
+        if kind == SLIDING:
+            return (self.rope_local_theta or self.rope_theta), None
+        return self.rope_theta, self.rope_scaling
+
+    def window(self, kind: str) -> int | None:
+        """The sliding window of layers of kind `kind` (None: causal over the whole sequence)."""
+        return self.sliding_window if kind == SLIDING else None
+
     def linear_shape(self, target: str) -> tuple[int, int]:
         """(out_features, in_features) of a target projection."""
-        H, I, KV = self.hidden_size, self.intermediate_size, self.kv_dim
+        H, I, Q, KV = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
         return {
-            "q": (H, H), "k": (KV, H), "v": (KV, H), "o": (H, H),
+            "q": (Q, H), "k": (KV, H), "v": (KV, H), "o": (H, Q),
             "gate": (I, H), "up": (I, H), "down": (H, I),
         }[target]
 
     def layer_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Frozen tensors of one decoder layer, by Hugging Face name relative to the layer."""
+        from graphs.family import get_family
+
+        fam = get_family(self.family)
         shapes: dict[str, tuple[int, ...]] = {}
         for target, module in TARGET_MODULES.items():
             shapes[f"{module}.weight"] = self.linear_shape(target)
-            if target in ("q", "k", "v"):
+            if target in fam.biases:
                 shapes[f"{module}.bias"] = (self.linear_shape(target)[0],)
-        shapes["input_layernorm.weight"] = (self.hidden_size,)
-        shapes["post_attention_layernorm.weight"] = (self.hidden_size,)
+        for role, name in fam.norms.items():
+            shapes[name] = (self.head_dim,) if role in ("q", "k") else (self.hidden_size,)
         return shapes
 
     def num_parameters(self) -> int:
@@ -77,27 +173,15 @@ class ModelSpec:
         return self.vocab_size * self.hidden_size + self.num_layers * per_layer + self.hidden_size + head
 
     def to_hf_config(self) -> dict:
-        """The Hugging Face `config.json` fields of this architecture."""
-        return {
-            "model_type": self.model_type,
-            "architectures": ["Qwen2ForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "max_position_embeddings": 32768,
-            "use_sliding_window": False,
-        }
+        """The Hugging Face `config.json` fields of this architecture (the text model's)."""
+        from graphs.family import hf_config
+
+        return hf_config(self)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ The tied embedding E (V, H) is only ever touched one chunk of C rows at a time, 
 Loss (Hugging Face convention): labels are shifted by one (target of position t is labels[t+1]),
 positions whose target is -100 are ignored, and the loss is the mean over counted positions:
 
-    n = RMSNorm(x) * w_norm;  z = n E^T;  loss = mean_t [logsumexp(z_t) - z_t[y_t]]
+    n = RMSNorm(x) * (w_norm + norm_offset);  z = n E^T;  loss = mean_t [logsumexp(z_t) - z_t[y_t]]
 
 An online softmax over chunks keeps per position the running max mu, the sum s = sum exp(z - mu), the
 softmax-weighted row sum P = sum exp(z - mu) E_v and the target row T = E[y_t]; at the end
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from graphs.qwen2 import rms_norm, rms_norm_backward
+from graphs.ops import rms_norm, rms_norm_backward
 
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
@@ -47,15 +47,15 @@ def embed_chunk(input_ids: Tensor, weight_chunk: Tensor, offset: Tensor, acc: Te
 
 
 def head_chunk(x: Tensor, norm_weight: Tensor, labels: Tensor, weight_chunk: Tensor, offset: Tensor,
-               mu: Tensor, s: Tensor, P: Tensor, T: Tensor, eps: float, vocab_size: int
+               mu: Tensor, s: Tensor, P: Tensor, T: Tensor, eps: float, vocab_size: int, norm_offset: float = 0.0
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One online-softmax step over E[offset:offset+C] (rows past `vocab_size` are padding).
 
         z = RMSNorm(x) E_c^T;  mu' = max(mu, max z);  a = exp(mu - mu')
         s' = s a + sum exp(z - mu');  P' = P a + exp(z - mu') E_c;  T' = T + E[y] (y inside chunk)
-    x (B, S, H), labels (B, S) unshifted, mu/s (B, S), P/T (B, S, H).
+    x (B, S, H), labels (B, S) unshifted, mu/s (B, S), P/T (B, S, H); norm_offset 1: Gemma's (1 + w).
     """
-    n = rms_norm(x, norm_weight, eps)
+    n = rms_norm(x, norm_weight, eps, norm_offset)
     z = n @ weight_chunk.T  # (B, S, C)
     row_ids = offset + torch.arange(weight_chunk.shape[0], dtype=offset.dtype)
     z = z.masked_fill(row_ids >= vocab_size, float("-inf"))
@@ -69,15 +69,15 @@ def head_chunk(x: Tensor, norm_weight: Tensor, labels: Tensor, weight_chunk: Ten
 
 
 def head_finish(x: Tensor, norm_weight: Tensor, labels: Tensor, mu: Tensor, s: Tensor, P: Tensor, T: Tensor,
-                eps: float) -> tuple[Tensor, Tensor]:
+                eps: float, norm_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """loss = sum_t valid_t (mu + log s - n.T) / count;  dx = RMSNorm'(x)^T [(P / s - T) valid / count]."""
-    n = rms_norm(x, norm_weight, eps)
+    n = rms_norm(x, norm_weight, eps, norm_offset)
     valid = (shift_labels(labels) != IGNORE_INDEX).to(x.dtype)  # (B, S)
     count = valid.sum().clamp(min=1.0)
     nll = mu + torch.log(s) - (n * T).sum(-1)
     loss = (nll * valid).sum() / count
     dn = (P / s.unsqueeze(-1) - T) * (valid / count).unsqueeze(-1)
-    return loss, rms_norm_backward(x, norm_weight, eps, dn)
+    return loss, rms_norm_backward(x, norm_weight, eps, dn, norm_offset)
 
 
 def head_init_state(batch: int, seq_len: int, hidden: int, dtype: torch.dtype = torch.float32
@@ -104,13 +104,24 @@ def embed(input_ids: Tensor, embedding: Tensor, max_rows: int = 8192) -> Tensor:
     return acc
 
 
+def embedding_scale(hidden_size: int, dtype: torch.dtype) -> Tensor:
+    """Gemma's embedding multiplier sqrt(hidden) as transformers applies it: a float32 scalar cast to the
+    embedding's dtype (so in bfloat16 it is rounded to bfloat16)."""
+    return torch.tensor(hidden_size ** 0.5, dtype=torch.float32).to(dtype)
+
+
+def scale_embedding(x: Tensor, hidden_size: int) -> Tensor:
+    """x * embedding_scale(hidden, x.dtype): applied to E[ids] by families with `scale_embedding`."""
+    return x * embedding_scale(hidden_size, x.dtype)
+
+
 def lm_head_loss(x: Tensor, norm_weight: Tensor, embedding: Tensor, labels: Tensor, eps: float,
-                 max_rows: int = 8192) -> tuple[Tensor, Tensor]:
+                 max_rows: int = 8192, norm_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """Final RMSNorm + tied LM head + causal-LM cross-entropy, forward and backward: (loss, dL/dx)."""
     vocab = embedding.shape[0]
     rows, count = vocab_chunks(vocab, max_rows)
     state = head_init_state(x.shape[0], x.shape[1], x.shape[2], x.dtype)
     for c in range(count):
         state = head_chunk(x, norm_weight, labels, chunk_weight(embedding, c, rows), torch.tensor([c * rows]),
-                           *state, eps=eps, vocab_size=vocab)
-    return head_finish(x, norm_weight, labels, *state, eps=eps)
+                           *state, eps=eps, vocab_size=vocab, norm_offset=norm_offset)
+    return head_finish(x, norm_weight, labels, *state, eps=eps, norm_offset=norm_offset)

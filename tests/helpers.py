@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from graphs.config import LoraConfig, ModelSpec
+from graphs.config import FULL, SLIDING, LoraConfig, ModelSpec, RopeScaling
+from graphs.family import families, get_family
 
 
 def tiny_spec(**overrides) -> ModelSpec:
@@ -22,12 +23,33 @@ def tiny_spec(**overrides) -> ModelSpec:
     return ModelSpec(**fields)
 
 
+# A tiny spec of each family that exercises what makes the family different: explicit head_dim with
+# heads x head_dim != hidden (qwen3, gemma3), llama3 RoPE whose three frequency bands are all populated
+# (llama: wavelengths 6 .. 20000 against original context 256), a sliding window (5) shorter than the
+# test sequences with a distinct local RoPE base, linear RoPE scaling on the full layer and a query
+# scalar different from head_dim (gemma3).
+TINY_FAMILY_SPECS: dict[str, ModelSpec] = {
+    "qwen2": tiny_spec(),
+    "qwen3": tiny_spec(name="tiny-qwen3", family="qwen3", head_dim=24, rms_norm_eps=1e-6),
+    "llama": tiny_spec(name="tiny-llama", family="llama", head_dim=16, rms_norm_eps=1e-5,
+                       rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                original_max_position_embeddings=256)),
+    "gemma3": tiny_spec(name="tiny-gemma3", family="gemma3", hidden_size=48, head_dim=16, num_layers=2,
+                        layer_types=(SLIDING, FULL), sliding_window=5, rope_local_theta=100.0,
+                        rope_scaling=RopeScaling("linear", factor=4.0), query_pre_attn_scalar=20),
+}
+assert set(TINY_FAMILY_SPECS) == set(families()), "every family needs a tiny spec (and so gets every test)"
+
+
 def random_layer_weights(spec: ModelSpec, dtype=torch.float64, scale: float = 0.2) -> dict[str, torch.Tensor]:
-    """Frozen tensors of one layer; norms around 1 so that RMSNorm's weight matters."""
+    """Frozen tensors of one layer; effective norm weights around 1 (w ~ 1, or w ~ 0 for (1 + w) norms),
+    never exactly 1, so that every RMSNorm's weight matters."""
+    fam = get_family(spec.family)
+    norms = set(fam.norms.values())
     out = {}
     for name, shape in spec.layer_weight_shapes().items():
         t = torch.randn(shape, dtype=dtype) * scale
-        out[name] = 1.0 + t if name.endswith("layernorm.weight") else t
+        out[name] = (1.0 - fam.norm_offset) + t if name in norms else t
     return out
 
 
@@ -36,20 +58,32 @@ def random_lora(spec: ModelSpec, lora: LoraConfig, dtype=torch.float64, scale: f
     return {n: torch.randn(s, dtype=dtype) * scale for n, s in lora.layer_lora_shapes(spec).items()}
 
 
-def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0):
-    """A real `transformers.Qwen2ForCausalLM` of `spec` (float32, eager attention), saved to `folder` with
-    `save_pretrained` (safetensors); returns the model, in eval mode.
+def hf_config_object(spec: ModelSpec):
+    """The transformers config object of `spec` (its family's config class), eager attention, float32."""
+    import transformers
+
+    fields = {k: v for k, v in spec.to_hf_config().items() if k not in ("architectures",)}
+    config = transformers.AutoConfig.for_model(**fields, dtype="float32", attn_implementation="eager")
+    config._attn_implementation = "eager"  # older transformers ignore the constructor argument
+    return config
+
+
+def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, init_std: float | None = None):
+    """A real transformers causal LM of `spec` (its family's class, e.g. `Qwen2ForCausalLM`; float32, eager
+    attention), saved to `folder` with `save_pretrained` (safetensors); returns the model, in eval mode.
 
     Biases and norm weights are perturbed away from their zero / one initialization, so that a test
-    which loads them wrongly (or forgets them) fails.
+    which loads them wrongly (or forgets them) fails. `init_std` (default: transformers' 0.02) larger
+    makes attention far from uniform, so that positions (RoPE, masks) change the loss visibly.
     """
     import transformers
 
     torch.manual_seed(seed)
-    fields = {k: v for k, v in spec.to_hf_config().items() if k not in ("model_type", "architectures")}
-    config = transformers.Qwen2Config(**fields, dtype="float32", attn_implementation="eager")
-    config._attn_implementation = "eager"  # older transformers ignore the constructor argument
-    model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+    config = hf_config_object(spec)
+    if init_std is not None:
+        config.initializer_range = init_std
+    model_class = getattr(transformers, get_family(spec.family).hf_architecture)
+    model = model_class(config).to(torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

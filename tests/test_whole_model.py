@@ -1,5 +1,10 @@
-"""A whole tiny Qwen2 composed only from graphs/ functions, layer by layer with only layer inputs saved,
-against the independent reference: transformers Qwen2ForCausalLM + peft LoRA + autograd (float32)."""
+"""A whole tiny model of each family composed only from graphs/ functions, layer by layer with only layer
+inputs saved, against the independent reference: the family's transformers class (Qwen2ForCausalLM,
+Qwen3ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM; eager attention) + peft LoRA + autograd (float32).
+
+The tiny specs (tests/helpers.TINY_FAMILY_SPECS) have nonzero norms and biases, heads x head_dim !=
+hidden, a sliding window (5) shorter than the sequence (16), a query scalar different from head_dim,
+and llama3 / linear RoPE scaling."""
 from __future__ import annotations
 
 import random
@@ -8,9 +13,10 @@ import peft
 import pytest
 import torch
 
-from graphs import head, qwen2
+from graphs import head, layer
 from graphs.config import ALL_TARGETS, TARGET_MODULES, LoraConfig
-from helpers import make_hf_checkpoint, tiny_spec, torch_threads
+from graphs.family import get_family
+from helpers import TINY_FAMILY_SPECS, make_hf_checkpoint, torch_threads
 
 # A random (seeded, so reproducible) subset of three targets for the rank-4 case: ("o", "up", "down").
 SUBSET = LoraConfig(rank=4, alpha=4, targets=tuple(random.Random(0).sample(ALL_TARGETS, 3)), seq_len=16)
@@ -39,28 +45,39 @@ def _peft_model(model, lora_cfg: LoraConfig):
 
 
 def _graphs_step(spec, lora_cfg, state, lora_of_layer, ids, labels):
-    """Loss and LoRA gradients with graphs/ only: embed -> layers (keep inputs) -> head -> layers backward."""
+    """Loss and LoRA gradients with graphs/ only: embed -> layers (keep inputs) -> head -> layers backward.
+
+    Each layer runs as its own attention kind (spec.layer_types[i]) with the structured (MeSP) forward
+    and backward, as the exported mesp graphs do."""
+    fam = get_family(spec.family)
     E = state["model.embed_tokens.weight"]
     x = head.embed(ids, E, max_rows=100)
+    if fam.scale_embedding:
+        x = head.scale_embedding(x, spec.hidden_size)
     inputs = []
     for i in range(spec.num_layers):
         inputs.append(x)
         W = {n: state[f"model.layers.{i}.{n}"] for n in spec.layer_weight_shapes()}
-        x = qwen2.decoder_layer_forward(x, W, lora_of_layer(i), spec, lora_cfg.scale)
-    loss, dy = head.lm_head_loss(x, state["model.norm.weight"], E, labels, spec.rms_norm_eps, max_rows=100)
+        x = layer.decoder_layer_forward_structured(x, W, lora_of_layer(i), spec, lora_cfg.scale, mlp_blocks=3,
+                                                   attention=spec.layer_types[i])
+    loss, dy = head.lm_head_loss(x, state["model.norm.weight"], E, labels, spec.rms_norm_eps, max_rows=100,
+                                 norm_offset=fam.norm_offset)
     grads = {}
     for i in reversed(range(spec.num_layers)):
         W = {n: state[f"model.layers.{i}.{n}"] for n in spec.layer_weight_shapes()}
-        dy, g = qwen2.decoder_layer_backward(inputs[i], dy, W, lora_of_layer(i), spec, lora_cfg.scale, mlp_blocks=3)
+        dy, g = layer.decoder_layer_backward(inputs[i], dy, W, lora_of_layer(i), spec, lora_cfg.scale, mlp_blocks=3,
+                                             attention=spec.layer_types[i])
         grads.update({(i, n): t for n, t in g.items()})
         inputs[i] = None  # the only saved activation of layer i is released after its backward
     return loss, grads
 
 
+@pytest.mark.parametrize("family", list(TINY_FAMILY_SPECS))
 @pytest.mark.parametrize("lora_cfg", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_whole_model_matches_transformers_peft(tmp_path, lora_cfg):
-    spec = tiny_spec()
-    base = make_hf_checkpoint(spec, tmp_path, seed=1)
+def test_whole_model_matches_transformers_peft(tmp_path, lora_cfg, family):
+    spec = TINY_FAMILY_SPECS[family]
+    base = make_hf_checkpoint(spec, tmp_path, seed=1, init_std=0.15)  # attention far from uniform: RoPE matters
+    assert type(base).__name__ == get_family(family).hf_architecture
     model = _peft_model(base, lora_cfg)
     ids = torch.randint(0, spec.vocab_size, (1, 16))
     labels = ids.clone()
@@ -70,6 +87,7 @@ def test_whole_model_matches_transformers_peft(tmp_path, lora_cfg):
     params = dict(model.named_parameters())
     state = {k: v.detach() for k, v in base.state_dict().items() if "lora_" not in k}
     state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items()}
+    assert set(spec.layer_weight_shapes()) == {k.split(".", 3)[3] for k in state if k.startswith("model.layers.0.")}
 
     def lora_of_layer(i):
         out = {}
