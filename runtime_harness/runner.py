@@ -54,22 +54,38 @@ class BundleError(ValueError):
     """A bundle, batch or adapter that cannot be used; the message is one line for the user."""
 
 
-def load_manifest(bundle: Path) -> dict:
-    """Read and validate `bundle/manifest.json` (schema and schedule data flow)."""
+def load_manifest(bundle: Path, check_files: bool = True) -> dict:
+    """Read `bundle/manifest.json`, check it against `manifest.sha256`, validate it (schema and schedule
+    data flow) and, unless `check_files` is False, check every file it lists (size and sha256)."""
+    from exporter import integrity
     from exporter.manifest import ManifestError, validate
 
-    path = Path(bundle) / "manifest.json"
+    path = Path(bundle) / integrity.MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(integrity.read_manifest_bytes(bundle))
     except FileNotFoundError:
         raise BundleError(f"{bundle} is not a bundle (no manifest.json)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except integrity.IntegrityError as e:
+        raise BundleError(str(e)) from None
+    except (OSError, ValueError) as e:
         raise BundleError(f"cannot read {path}: {e}") from None
     try:
         validate(manifest)
     except ManifestError as e:
         raise BundleError(f"{bundle}: {e}") from None
+    if check_files:
+        check_bundle_files(bundle, manifest)
     return manifest
+
+
+def check_bundle_files(bundle: Path, manifest: dict) -> None:
+    """BundleError naming the first file the manifest lists that is missing or altered."""
+    from exporter.integrity import IntegrityError, check_files
+
+    try:
+        check_files(bundle, manifest)
+    except IntegrityError as e:
+        raise BundleError(str(e)) from None
 
 
 @dataclass
@@ -94,9 +110,9 @@ class StepTrace:
 class BundleRunner:
     """Runs a bundle's graphs with the runtime of its backend (Core ML raises RuntimeUnavailable off macOS)."""
 
-    def __init__(self, bundle: Path, runtime: str | None = None):
+    def __init__(self, bundle: Path, runtime: str | None = None, check_files: bool = True):
         self.bundle = Path(bundle)
-        self.manifest = load_manifest(self.bundle)
+        self.manifest = load_manifest(self.bundle, check_files)
         backend = self.manifest["backend"]
         if runtime is not None and runtime != backend:
             raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
