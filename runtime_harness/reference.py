@@ -253,6 +253,7 @@ def layerwise_loss_and_grads(manifest: dict, weights: WeightSource, adapter: dic
         y.backward(dy)
         grads.update({name: p.grad.detach().numpy().copy() for name, p in params})
         dy = x.grad
+        del y, params  # layer i's weights go before layer i - 1's are read
     return float(loss), grads
 
 
