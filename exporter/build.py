@@ -234,6 +234,8 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
         extra = backend.write_training_artifacts(r.shapes, lora_state, stage)
         has_tokenizer = _copy_tokenizer(r, stage)
         schedules = sched.build_schedules(r.shapes, graphs, backend.weights_in_graphs)
+        if "ort_training" in extra:
+            schedules["train_step_ort_api"] = sched.ort_api_schedule(r.shapes, graphs, extra["ort_training"]["parameters"])
         manifest = _manifest(config, r, backend, graphs, schedules, extra, has_tokenizer)
         manifest["files"] = integrity.file_entries(stage)
         manifest["build_seconds"] = round(time.time() - t0, 2)

@@ -149,6 +149,29 @@ class BundleRunner:
                 store[t["name"]] = np.full(t["shape"], float(init["fill"]), dtype=NP_DTYPES[t["dtype"]])
         return store
 
+    # -- ONNX Runtime's training API (schedule train_step_ort_api)
+    def _ort_training_step(self, entry: dict, store: dict[str, np.ndarray]) -> None:
+        """Parameters from the store into ORT's CheckpointState, the gradients into Module, Optimizer.step,
+        the updated parameters back into the store (the order the README documents)."""
+        if getattr(self, "_ort_api", None) is None:
+            from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+            info = self.manifest["ort_training"]
+            state = CheckpointState.load_checkpoint(str(self.bundle / info["checkpoint"]))
+            module = Module(str(self.bundle / info["training_model"]), state, device="cpu")  # before any set:
+            optimizer = Optimizer(str(self.bundle / info["optimizer_model"]), module)  # (else a segfault)
+            self._ort_api = (state, module, optimizer)
+        state, module, optimizer = self._ort_api
+        for name in entry["parameters"]:
+            state.parameters[name].data = np.ascontiguousarray(store[name], dtype=np.float32)
+        module.train()
+        module.lazy_reset_grad()
+        module(*[np.ascontiguousarray(store[g], dtype=np.float32) for g in entry["gradients"]])
+        optimizer.set_learning_rate(float(np.asarray(store[entry["lr"]]).reshape(-1)[0]))
+        optimizer.step()
+        for name in entry["parameters"]:
+            store[name] = np.array(state.parameters[name].data, dtype=np.float32)
+
     # -- one schedule
     def _weight(self, source: dict, headers: dict) -> np.ndarray:
         path = self.bundle / source["file"]
@@ -167,6 +190,18 @@ class BundleRunner:
         for index, entry in enumerate(self.manifest["schedules"][schedule]):
             if entry["op"] == "fill":
                 store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
+                continue
+            if entry["op"] == "ort_training_step":
+                t0 = time.perf_counter()
+                self._ort_training_step(entry, store)
+                record = CallRecord(index, "ort_training_step", None, time.perf_counter() - t0,
+                                    sum(v.nbytes for v in store.values()), 0)
+                for name in entry["free"]:
+                    if keep is None or not keep(name):
+                        store.pop(name, None)
+                trace.calls.append(record)
+                if on_call is not None:
+                    on_call(record)
                 continue
             graph = self.manifest["graphs"][entry["graph"]]
             args, weight_bytes = [], 0

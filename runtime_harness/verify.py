@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.schedule import grad_of
 from runtime_harness.runner import BundleError, BundleRunner
 
 COSINE_MIN = 0.99999
@@ -83,7 +84,7 @@ def bundle_gradients(runner: BundleRunner, adapter: dict[str, np.ndarray], input
     for t in runner.manifest["state"]:
         peft_name = t["init"].get("adapter")
         if peft_name is not None:
-            grads[peft_name] = store["grad." + t["name"][len("lora."):]]
+            grads[peft_name] = store[grad_of(t["name"])]
     return loss, grads
 
 
