@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphs.config import ModelSpec
+from graphs.config import MLP_BLOCKS, ModelSpec
 
 Tensor = torch.Tensor
 
@@ -314,7 +314,7 @@ def _mlp_by_block(m: Tensor, W: dict[str, Tensor], lora: dict[str, Tensor], spec
 
 
 def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
-                                     spec: ModelSpec, scale: float, mlp_blocks: int = 4) -> Tensor:
+                                     spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS) -> Tensor:
     """The same y as `decoder_layer_forward`, with attention one kv group and the MLP one channel block
     at a time, so no (B, nh, S, S) or (B, S, I) tensor exists at once."""
     cos, sin = rope_cos_sin(x.shape[1], spec.head_dim, spec.rope_theta, x.dtype)
@@ -324,7 +324,7 @@ def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora
 
 
 def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
-                           spec: ModelSpec, scale: float, mlp_blocks: int = 4
+                           spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS
                            ) -> tuple[Tensor, dict[str, Tensor]]:
     """Structured backward of one decoder layer: (x, dy) -> (dx, {lora name: gradient}).
 

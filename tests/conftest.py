@@ -13,6 +13,16 @@ import exporter  # noqa: E402,F401  (quiets third-party import logs)
 from helpers import make_hf_checkpoint, tiny_spec  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_cache(tmp_path_factory):
+    """Builds that use the default cache (the CLI, subprocesses) write to a session folder, never to the
+    user's ~/.cache/ondevice-lora or $ONDEVICE_LORA_CACHE."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONDEVICE_LORA_CACHE", str(tmp_path_factory.mktemp("ondevice-lora-cache")))
+        mp.delenv("XDG_CACHE_HOME", raising=False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
