@@ -26,6 +26,7 @@ from tqdm import tqdm
 from exporter import adapter as adapter_io
 from exporter import graph_defs as gd
 from exporter import integrity
+from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES
 from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.cache import ArtifactCache, code_digest
@@ -36,9 +37,6 @@ from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weigh
                               resolve_checkpoint_folder)
 from graphs.config import ModelSpec
 
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
 
 
 class BuildError(ValueError):
@@ -199,9 +197,9 @@ def _copy_tokenizer(r: Resolved, stage: Path) -> bool:
     found = [f for f in TOKENIZER_FILES if (Path(r.checkpoint_folder) / f).is_file()]
     if "tokenizer.json" not in found and "vocab.json" not in found:
         return False
-    (stage / "tokenizer").mkdir()
+    (stage / TOKENIZER_DIR).mkdir()
     for f in found:
-        shutil.copy2(Path(r.checkpoint_folder) / f, stage / "tokenizer" / f)
+        shutil.copy2(Path(r.checkpoint_folder) / f, stage / TOKENIZER_DIR / f)
     return True
 
 
@@ -228,7 +226,7 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
         graphs = _lower_all(r, stage, backend, cache, say)
         lora_init = adapter_io.init_lora(r.spec, config.lora, config.seed)
         base = r.spec.hf_repo or (str(r.checkpoint_folder) if r.checkpoint_folder else r.spec.name)
-        adapter_io.write_adapter(stage / "adapter", lora_init, adapter_io.peft_config(r.spec, config.lora, base))
+        adapter_io.write_adapter(stage / ADAPTER_DIR, lora_init, adapter_io.peft_config(r.spec, config.lora, base))
         lora_state = {sched.lora_state_name(i, n): lora_init[sched.peft_tensor_name(i, n)]
                       for i in range(r.spec.num_layers) for n in r.shapes.lora_names()}
         extra = backend.write_training_artifacts(r.shapes, lora_state, stage)
@@ -291,8 +289,8 @@ def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules
         "weights": {"source": r.weights.description, "sha256": r.weights.content_sha256(),
                     "layers_in_graphs": backend.weights_in_graphs,
                     "embedding_padded_rows": s.chunk_rows * s.num_chunks},
-        "adapter": "adapter",
-        "tokenizer": "tokenizer" if has_tokenizer else None,
+        "adapter": ADAPTER_DIR,
+        "tokenizer": TOKENIZER_DIR if has_tokenizer else None,
         "graphs": graphs,
         "step_inputs": sched.step_inputs(s),
         "step_outputs": ["loss"],

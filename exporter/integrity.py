@@ -11,8 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-MANIFEST = "manifest.json"
-MANIFEST_CHECKSUM = "manifest.sha256"
+from exporter.bundle_format import MANIFEST, MANIFEST_CHECKSUM
 
 
 class IntegrityError(ValueError):

@@ -31,37 +31,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
+                                    grad_of, grad_state_name, layer_file, lora_state_name, peft_tensor_name)
 from exporter.graph_defs import StepShapes, ident
-
-DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2}
-EMBEDDING_FILE = "weights/embedding.safetensors"
-LM_HEAD_FILE = "weights/lm_head.safetensors"
-FINAL_NORM_FILE = "weights/final_norm.safetensors"
-
-
-def layer_file(i: int) -> str:
-    return f"weights/layer_{i:02d}.safetensors"
-
 
 def numel(shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
     return n
-
-
-def lora_state_name(layer: int, name: str) -> str:
-    return f"lora.{layer}.{name}"
-
-
-def grad_state_name(layer: int, name: str) -> str:
-    return f"grad.{layer}.{name}"
-
-
-def grad_of(state_name: str) -> str:
-    """The store name of a LoRA parameter's gradient: `lora.3.<module>.lora_A` -> `grad.3.<module>.lora_A`."""
-    layer, name = state_name[len("lora."):].split(".", 1)
-    return grad_state_name(int(layer), name)
 
 
 def state_tensors(shapes: StepShapes) -> list[dict]:
@@ -79,11 +57,6 @@ def state_tensors(shapes: StepShapes) -> list[dict]:
                     state.append({"name": f"optim.{i}.{kind}.{name}", "shape": list(shape), "dtype": "float32",
                                   "init": {"fill": 0.0}})
     return state
-
-
-def peft_tensor_name(layer: int, name: str) -> str:
-    """`self_attn.q_proj.lora_A` of layer 3 -> PEFT's saved name `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
-    return f"base_model.model.model.layers.{layer}.{name}.weight"
 
 
 def step_inputs(shapes: StepShapes) -> list[dict]:

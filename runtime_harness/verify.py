@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.schedule import grad_of
+from exporter.bundle_format import COSINE_MIN, REL_ERR_MAX, grad_of
 from runtime_harness.runner import BundleError, BundleRunner
 
-COSINE_MIN = 0.99999
-REL_ERR_MAX = 1e-4
 
 
 def seeded_batch(manifest: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:

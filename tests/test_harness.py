@@ -18,12 +18,10 @@ from exporter.config import BuildConfig
 from graphs.config import LoraConfig
 from runtime_harness import reference
 from runtime_harness.cli import main as harness_main
+from helpers import runnable_backends
 from runtime_harness.verify import compare, nonzero_adapter, seeded_batch, verify
 
-RUNTIMES = ["executorch", "ort"]
-
-
-@pytest.fixture(scope="session", params=RUNTIMES)
+@pytest.fixture(scope="session", params=runnable_backends())
 def tiny_bundle(request, tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / f"tiny-{request.param}"
     cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")

@@ -48,7 +48,7 @@ import torch
 
 from exporter.backends.base import Backend, GraphFn, LoweredGraph
 from exporter.graph_defs import GraphDef, StepShapes
-from exporter.schedule import grad_of
+from exporter.bundle_format import TRAINING_DIR, grad_of
 from graphs import optim as optim_math
 
 # torch.onnx logs one warning per torchvision op it cannot register: noise for this tool.
@@ -57,7 +57,6 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 18  # torchlib's native opset (no version conversion); ORT 1.19 runs <= 21
 MAX_IR_VERSION = 10  # ORT 1.19 loads IR <= 10
 _PROTOBUF_LIMIT = 1_800_000_000  # bytes; past this, initializers go to external data
-TRAINING_DIR = "training"
 
 # --------------------------------------------------------------------------------------------- lowering
 
