@@ -61,7 +61,8 @@ def read_manifest_bytes(root: Path) -> bytes:
     try:
         line = (root / MANIFEST_CHECKSUM).read_text().split()
     except FileNotFoundError:
-        raise IntegrityError(f"{root}: {MANIFEST_CHECKSUM} is missing (the manifest cannot be checked)") from None
+        raise IntegrityError(f"{root}: {MANIFEST_CHECKSUM} is missing, so the manifest cannot be checked "
+                             f"(a bundle from an older build? rebuild it)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{root}: cannot read {MANIFEST_CHECKSUM} ({e.__class__.__name__})") from None
     if len(line) != 2 or line[1] != MANIFEST:
