@@ -12,11 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from exporter.bundle_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_tensor_name
 from graphs.config import LoraConfig, ModelSpec, TARGET_MODULES
-from exporter.schedule import peft_tensor_name
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def init_lora(spec: ModelSpec, lora: LoraConfig, seed: int) -> dict[str, torch.Tensor]:

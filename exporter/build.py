@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -27,6 +25,8 @@ from tqdm import tqdm
 
 from exporter import adapter as adapter_io
 from exporter import graph_defs as gd
+from exporter import integrity
+from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES
 from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.cache import ArtifactCache, code_digest
@@ -36,11 +36,6 @@ from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
                               resolve_checkpoint_folder)
 from graphs.config import ModelSpec
-
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-
 
 # Families whose graphs, schedule and reference the exporter dispatches; the others (graphs/families/)
 # have their math in graphs/ but are refused here until the exporter dispatches through the family seam.
@@ -137,7 +132,7 @@ def _layer_graphs(shapes: gd.StepShapes, weights: dict[str, torch.Tensor]) -> li
 def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> None:
     s = r.shapes
     (stage / "weights").mkdir(parents=True)
-    base_key = {"weights": _weights_identity(r), "spec": s.spec.to_dict()}
+    base_key = {"weights": r.weights.identity(), "spec": s.spec.to_dict()}
     layers = [] if backend.weights_in_graphs else list(range(s.spec.num_layers))
     for i in tqdm(layers, desc="weights", unit="layer", disable=not say.progress, leave=False):
         key = cache.key({**base_key, "layer": i})
@@ -163,15 +158,6 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
     save_file({"weight": r.weights.tensor(FINAL_NORM)}, str(stage / sched.FINAL_NORM_FILE))
 
 
-def _weights_identity(r: Resolved) -> dict:
-    """What determines the weight values: the source, plus file sizes and times for a checkpoint."""
-    ident = {"source": r.weights.description}
-    if r.checkpoint_folder is not None:
-        ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
-                                for p in Path(r.checkpoint_folder).glob("*.safetensors"))
-    return ident
-
-
 def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> dict[str, dict]:
     programs = _programs(r, backend)
     graphs: dict[str, dict] = {}
@@ -184,7 +170,7 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
         kind = "layer" if baked_layer else program
         key = cache.key({"backend": backend.name, "program": kind, "layer": program if baked_layer else None,
                          "settings": _program_settings(r.shapes, kind),
-                         "weights": _weights_identity(r) if baked_layer else None, "code": code})
+                         "weights": r.weights.identity() if baked_layer else None, "code": code})
         lowered = cache.fetch_program(key, stage)
         if lowered is None:
             defs = make() if callable(make) else make
@@ -217,23 +203,10 @@ def _copy_tokenizer(r: Resolved, stage: Path) -> bool:
     found = [f for f in TOKENIZER_FILES if (Path(r.checkpoint_folder) / f).is_file()]
     if "tokenizer.json" not in found and "vocab.json" not in found:
         return False
-    (stage / "tokenizer").mkdir()
+    (stage / TOKENIZER_DIR).mkdir()
     for f in found:
-        shutil.copy2(Path(r.checkpoint_folder) / f, stage / "tokenizer" / f)
+        shutil.copy2(Path(r.checkpoint_folder) / f, stage / TOKENIZER_DIR / f)
     return True
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def bundle_files(root: Path) -> list[Path]:
-    """Every file of a bundle except the manifest, sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
 
 
 class Reporter:
@@ -259,18 +232,19 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
         graphs = _lower_all(r, stage, backend, cache, say)
         lora_init = adapter_io.init_lora(r.spec, config.lora, config.seed)
         base = r.spec.hf_repo or (str(r.checkpoint_folder) if r.checkpoint_folder else r.spec.name)
-        adapter_io.write_adapter(stage / "adapter", lora_init, adapter_io.peft_config(r.spec, config.lora, base))
+        adapter_io.write_adapter(stage / ADAPTER_DIR, lora_init, adapter_io.peft_config(r.spec, config.lora, base))
         lora_state = {sched.lora_state_name(i, n): lora_init[sched.peft_tensor_name(i, n)]
                       for i in range(r.spec.num_layers) for n in r.shapes.lora_names()}
         extra = backend.write_training_artifacts(r.shapes, lora_state, stage)
         has_tokenizer = _copy_tokenizer(r, stage)
         schedules = sched.build_schedules(r.shapes, graphs, backend.weights_in_graphs)
+        if "ort_training" in extra:
+            schedules["train_step_ort_api"] = sched.ort_api_schedule(r.shapes, graphs, extra["ort_training"]["parameters"])
         manifest = _manifest(config, r, backend, graphs, schedules, extra, has_tokenizer)
-        manifest["files"] = {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                             for p in bundle_files(stage)}
+        manifest["files"] = integrity.file_entries(stage)
         manifest["build_seconds"] = round(time.time() - t0, 2)
         validate_manifest(manifest)
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        integrity.write_manifest(stage, manifest)
         _publish(stage, r.out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -295,12 +269,19 @@ def _publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _hf_config(r: Resolved) -> dict:
+    """The checkpoint's own config.json, unchanged; the registry's published fields where there is none."""
+    if r.checkpoint_folder is not None:
+        return read_hf_config(Path(r.checkpoint_folder))
+    return r.spec.to_hf_config()
+
+
 def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules: dict, extra: dict,
               has_tokenizer: bool) -> dict:
     s = r.shapes
     return {
         "format_version": FORMAT_VERSION,
-        "model": {"name": r.spec.name, "architecture": r.spec.to_dict(), "hf_config": r.spec.to_hf_config()},
+        "model": {"name": r.spec.name, "architecture": r.spec.to_dict(), "hf_config": _hf_config(r)},
         "backend": backend.name,
         "dtype": "float32",
         "method": config.method,
@@ -311,10 +292,11 @@ def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules
         "lora": config.lora.to_dict() | {"scale": config.lora.scale,
                                           "trainable_parameters": config.lora.trainable_parameters(r.spec)},
         "vocab_chunk": {"rows": s.chunk_rows, "count": s.num_chunks},
-        "weights": {"source": r.weights.description, "layers_in_graphs": backend.weights_in_graphs,
+        "weights": {"source": r.weights.description, "sha256": r.weights.content_sha256(),
+                    "layers_in_graphs": backend.weights_in_graphs,
                     "embedding_padded_rows": s.chunk_rows * s.num_chunks},
-        "adapter": "adapter",
-        "tokenizer": "tokenizer" if has_tokenizer else None,
+        "adapter": ADAPTER_DIR,
+        "tokenizer": TOKENIZER_DIR if has_tokenizer else None,
         "graphs": graphs,
         "step_inputs": sched.step_inputs(s),
         "step_outputs": ["loss"],

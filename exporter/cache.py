@@ -3,8 +3,12 @@ same inputs copies them instead of re-tracing and re-lowering. (Copies, not hard
 edited in place must never change the cache.)
 
 Location: $ONDEVICE_LORA_CACHE, else $XDG_CACHE_HOME/ondevice-lora, else ~/.cache/ondevice-lora.
-A key covers every input that changes the bytes: shapes, weights identity, backend, library
-versions and the source of the code that produces the graphs.
+A key covers every input that changes the bytes: shapes, weights identity (a checkpoint's content
+hash), backend, library versions and the source of the code that produces the graphs.
+
+Every entry records the sha256 of each file it holds. Before reuse, the copy in the bundle is hashed
+and compared; an entry that does not match (or records no hashes) is deleted and reported as a miss,
+so the artifact is rebuilt and the cache repaired.
 """
 from __future__ import annotations
 
@@ -51,10 +55,35 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _program_files(lowered: list[dict]) -> list[str]:
+    """The files of a lowered program: each graph's file and external data (a file, or a .mlpackage folder)."""
+    return sorted({g["file"] for g in lowered} | {g["external_data"] for g in lowered if g.get("external_data")})
+
+
 class ArtifactCache:
     def __init__(self, root: Path | None, enabled: bool = True):
         self.root = Path(root) if root else None
         self.enabled = enabled and root is not None
+        self.discarded: list[str] = []  # keys of entries that did not match their recorded hashes
+
+    def _discard(self, key: str, copies: list[Path]) -> None:
+        for path in copies:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        shutil.rmtree(self._dir(key), ignore_errors=True)
+        self.discarded.append(key)
+
+    def _verified(self, key: str, pairs: list[tuple[str, Path]], hashes: dict) -> bool:
+        """Each copied file's sha256 equals the entry's record; otherwise the entry and the copies go."""
+        from exporter.integrity import sha256_path
+
+        for rel, copy in pairs:
+            if rel not in hashes or sha256_path(copy) != hashes[rel]:
+                self._discard(key, [c for _, c in pairs])
+                return False
+        return True
 
     @classmethod
     def default(cls) -> "ArtifactCache":
@@ -79,11 +108,15 @@ class ArtifactCache:
     def fetch_file(self, key: str, target: Path) -> bool:
         if not self.enabled:
             return False
-        src = self._dir(key) / "file"
+        src, record = self._dir(key) / "file", self._dir(key) / "sha256"
         if not src.is_file():
             return False
+        try:
+            hashes = {"file": record.read_text().strip()}
+        except OSError:
+            hashes = {}
         _copy(src, target)
-        return True
+        return self._verified(key, [("file", target)], hashes)
 
     def store_file(self, key: str, path: Path) -> None:
         if not self.enabled:
@@ -91,8 +124,11 @@ class ArtifactCache:
         tmp = self._dir(key).with_name(self._dir(key).name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
+            from exporter.integrity import sha256_path
+
             tmp.mkdir(parents=True)
             _copy(path, tmp / "file")
+            (tmp / "sha256").write_text(sha256_path(path))
             tmp.rename(self._dir(key))
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another build stored it first, or no space: not fatal
@@ -105,12 +141,20 @@ class ArtifactCache:
         meta = d / "lowered.json"
         if not meta.is_file():
             return None
-        lowered = json.loads(meta.read_text())
-        for rel in sorted({g["file"] for g in lowered}):
-            target = stage / rel
-            if not target.exists():
-                _copy(d / "files" / rel, target)
-        return lowered
+        try:
+            lowered = json.loads(meta.read_text())
+            hashes = json.loads((d / "sha256.json").read_text())
+        except (OSError, ValueError):
+            self._discard(key, [])
+            return None
+        pairs = []
+        for rel in _program_files(lowered):
+            if not (d / "files" / rel).exists():
+                self._discard(key, [c for _, c in pairs])
+                return None
+            _copy(d / "files" / rel, stage / rel)
+            pairs.append((rel, stage / rel))
+        return lowered if self._verified(key, pairs, hashes) else None
 
     def store_program(self, key: str, stage: Path, lowered: list[dict]) -> None:
         if not self.enabled:
@@ -119,10 +163,13 @@ class ArtifactCache:
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            for rel in sorted({g["file"] for g in lowered}):
+            from exporter.integrity import sha256_path
+
+            hashes = {}
+            for rel in _program_files(lowered):
                 _copy(stage / rel, tmp / "files" / rel)
-            for rel in sorted({g.get("external_data") for g in lowered if g.get("external_data")}):
-                _copy(stage / rel, tmp / "files" / rel)
+                hashes[rel] = sha256_path(stage / rel)
+            (tmp / "sha256.json").write_text(json.dumps(hashes))
             (tmp / "lowered.json").write_text(json.dumps(lowered))
             tmp.rename(final)
         except OSError:

@@ -134,12 +134,19 @@ def summary(m: dict, bundle: Path) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from exporter import integrity
     from exporter.build import BuildError
+    from exporter.manifest import ManifestError, validate
 
-    path = args.bundle / "manifest.json" if args.bundle.is_dir() else args.bundle
+    bundle = args.bundle if args.bundle.is_dir() else args.bundle.parent
+    path = bundle / integrity.MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(integrity.read_manifest_bytes(bundle))
+        validate(manifest)
+        integrity.check_files(bundle, manifest)
+    except (integrity.IntegrityError, ManifestError) as e:
+        raise BuildError(str(e)) from None
+    except (OSError, ValueError) as e:
         raise BuildError(f"{args.bundle} is not a bundle: cannot read {path.name} ({e.__class__.__name__})") from None
     if args.json:
         print(json.dumps(manifest, indent=1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphs.config import LoraConfig
+from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,8 @@ class BuildConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: str = "sgd"
     method: str = "mesp"  # mesp: hand-derived structured backward; mebp: autodiff of the layer
-    vocab_chunk_rows: int = 8192  # embedding/LM-head rows per call
-    mlp_blocks: int = 4  # MLP channel blocks in the structured backward
+    vocab_chunk_rows: int = VOCAB_CHUNK_ROWS  # embedding/LM-head rows per call (an upper bound)
+    mlp_blocks: int = MLP_BLOCKS  # MLP channel blocks in the structured backward
     seed: int = 0  # random weights and the initial adapter
 
 

@@ -24,7 +24,7 @@ import torch
 from graphs import head as head_math
 from graphs import optim as optim_math
 from graphs import qwen2
-from graphs.config import LoraConfig, ModelSpec
+from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
 
 Tensor = torch.Tensor
 METHODS = ("mesp", "mebp")
@@ -76,8 +76,8 @@ class StepShapes:
     lora: LoraConfig
     method: str = "mesp"
     optimizer: str = "sgd"
-    vocab_chunk_rows: int = 8192
-    mlp_blocks: int = 4
+    vocab_chunk_rows: int = VOCAB_CHUNK_ROWS
+    mlp_blocks: int = MLP_BLOCKS
 
     @property
     def chunk_rows(self) -> int:

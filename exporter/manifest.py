@@ -25,6 +25,19 @@ def validate(manifest: dict) -> None:
         _check_dataflow(manifest, name, schedule)
 
 
+def _check_ort_step(manifest: dict, where: str, entry: dict, live: set, persistent: set) -> None:
+    training = manifest.get("ort_training")
+    if training is None:
+        raise ManifestError(f"{where} is an ort_training_step, but the bundle has no ort_training artifacts")
+    if entry["parameters"] != training["parameters"] or entry["gradients"] != training["gradient_inputs"]:
+        raise ManifestError(f"{where} lists parameters or gradients other than ort_training's, or in another order")
+    for name in [entry["lr"], *entry["gradients"]]:
+        if name not in live:
+            raise ManifestError(f"{where} reads {name}, which does not exist at that point")
+    if not set(entry["parameters"]) <= persistent:
+        raise ManifestError(f"{where} updates parameters that are not state tensors")
+
+
 def _check_dataflow(manifest: dict, schedule_name: str, schedule: list[dict]) -> None:
     live = {t["name"] for t in manifest["state"]} | {t["name"] for t in manifest["step_inputs"]}
     persistent = {t["name"] for t in manifest["state"]}
@@ -33,6 +46,10 @@ def _check_dataflow(manifest: dict, schedule_name: str, schedule: list[dict]) ->
         where = f"{schedule_name}[{k}]"
         if entry["op"] == "fill":
             live.add(entry["tensor"])
+            continue
+        if entry["op"] == "ort_training_step":
+            _check_ort_step(manifest, where, entry, live, persistent)
+            live -= set(entry["free"])
             continue
         graph = manifest["graphs"].get(entry["graph"])
         if graph is None:

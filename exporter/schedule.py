@@ -6,7 +6,8 @@ Store names (the app's tensor store; everything else lives only inside a call):
     optim.{i}.step, optim.{i}.exp_avg.{...}    optimizer state (state; adamw only)
     x.{i}                                      input of layer i (the only activations kept), x.{L} final
     dy                                         the running gradient w.r.t. the current layer output
-    grad.{i}.{module}.lora_A / .lora_B         LoRA gradients of layer i (freed after its update)
+    grad.{i}.{module}.lora_A / .lora_B         LoRA gradients of layer i (freed after its update; in
+                                               train_step_ort_api kept until the ort_training_step)
     embed.acc, head.mu, head.s, head.P, head.T accumulators of the chunked embedding and loss head
     loss                                       step output
 
@@ -14,38 +15,31 @@ Schedule entries:
     {"op": "fill", "tensor": NAME, "shape": [...], "dtype": "float32", "value": 0.0 | "-inf"}
     {"op": "call", "graph": GRAPH_ID, "layer": i | null, "inputs": {input: SOURCE}, "outputs": {output: NAME},
      "free": [NAME, ...], "memory": {...}}
+    {"op": "ort_training_step", "lr": "lr", "gradients": [NAME, ...], "parameters": [NAME, ...], "free": [NAME, ...]}
 SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, or a constant {"value": [...], "dtype": D}.
 
 `train_step`: embedding (chunks) -> layers forward (keeping x.i) -> loss head (chunks, then finish:
 loss and dy) -> for i = L-1..0: layer i backward (dy, grads; x.i freed) then layer i's optimizer
 update right away (exact: no lower layer's backward reads layer i's LoRA tensors) and its grads freed.
 `eval_loss`: the same forward with each x.i freed as soon as the next layer has run, and the loss.
+`train_step_ort_api` (ONNX Runtime bundles): the same forward and backward, every layer's gradients
+kept, then one `ort_training_step`: the gradients (in the training model's input order) go into ORT's
+training API (`Module` then `Optimizer.step`), which updates the parameters it holds; the app copies
+`parameters` back into its store (README, "ONNX Runtime training API").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
+                                    grad_of, grad_state_name, layer_file, lora_state_name, peft_tensor_name)
 from exporter.graph_defs import StepShapes, ident
-
-DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2}
-EMBEDDING_FILE = "weights/embedding.safetensors"
-LM_HEAD_FILE = "weights/lm_head.safetensors"
-FINAL_NORM_FILE = "weights/final_norm.safetensors"
-
-
-def layer_file(i: int) -> str:
-    return f"weights/layer_{i:02d}.safetensors"
-
 
 def numel(shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
     return n
-
-
-def lora_state_name(layer: int, name: str) -> str:
-    return f"lora.{layer}.{name}"
 
 
 def state_tensors(shapes: StepShapes) -> list[dict]:
@@ -63,11 +57,6 @@ def state_tensors(shapes: StepShapes) -> list[dict]:
                     state.append({"name": f"optim.{i}.{kind}.{name}", "shape": list(shape), "dtype": "float32",
                                   "init": {"fill": 0.0}})
     return state
-
-
-def peft_tensor_name(layer: int, name: str) -> str:
-    """`self_attn.q_proj.lora_A` of layer 3 -> PEFT's saved name `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
-    return f"base_model.model.model.layers.{layer}.{name}.weight"
 
 
 def step_inputs(shapes: StepShapes) -> list[dict]:
@@ -106,6 +95,12 @@ class _Builder:
                        "planned_bytes": weight_bytes + (arena or 0) + store},
         })
         for name in free:
+            self.live.pop(name, None)
+
+    def ort_training_step(self, gradients: list[str], parameters: list[str]) -> None:
+        self.entries.append({"op": "ort_training_step", "lr": "lr", "gradients": list(gradients),
+                             "parameters": list(parameters), "free": list(gradients)})
+        for name in gradients:
             self.live.pop(name, None)
 
 
@@ -152,37 +147,56 @@ def layer_graph_id(kind: str, i: int, baked: bool) -> str:
     return f"{layer_program(i, baked)}.{kind}"
 
 
+def _builder(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) -> _Builder:
+    b = _Builder(shapes, graphs, baked_layers)
+    for t in state_tensors(shapes) + step_inputs(shapes):
+        b.live[t["name"]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
+    return b
+
+
+def _backward_layer(b: _Builder, i: int) -> None:
+    """Layer i's backward: dy and layer i's LoRA gradients; x.i freed."""
+    grads = {f"grad_{ident(n)}": grad_state_name(i, n) for n in b.shapes.lora_names()}
+    b.call(layer_graph_id("layer_backward", i, b.baked), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(b.shapes, i, b.baked)},
+           {"dx": "dy", **grads}, [f"x.{i}"])
+
+
 def build_schedules(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) -> dict[str, list[dict]]:
     """{"train_step": [...], "eval_loss": [...]} for graphs named `<program>.<kind>` (see module docstring)."""
-    def builder() -> _Builder:
-        b = _Builder(shapes, graphs, baked_layers)
-        for t in state_tensors(shapes) + step_inputs(shapes):
-            b.live[t["name"]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
-        return b
-
-    train = builder()
+    train = _builder(shapes, graphs, baked_layers)
     _forward(train, keep_layer_inputs=True)
     names = shapes.lora_names()
     for i in reversed(range(shapes.spec.num_layers)):
-        grads = {f"grad_{ident(n)}": f"grad.{i}.{n}" for n in names}
-        train.call(layer_graph_id("layer_backward", i, baked_layers), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(shapes, i, baked_layers)},
-                   {"dx": "dy", **grads}, [f"x.{i}"])
+        _backward_layer(train, i)
         params = {f"param_{ident(n)}": lora_state_name(i, n) for n in names}
         news = {f"new_{ident(n)}": lora_state_name(i, n) for n in names}
-        opt_in = {"lr": "lr", **params, **{f"grad_{ident(n)}": f"grad.{i}.{n}" for n in names}}
+        opt_in = {"lr": "lr", **params, **{f"grad_{ident(n)}": grad_state_name(i, n) for n in names}}
         if shapes.optimizer == "adamw":
             for kind in ("exp_avg", "exp_avg_sq"):
                 opt_in.update({f"{kind}_{ident(n)}": f"optim.{i}.{kind}.{n}" for n in names})
                 news.update({f"new_{kind}_{ident(n)}": f"optim.{i}.{kind}.{n}" for n in names})
             opt_in["step"] = f"optim.{i}.step"
             news["step_out"] = f"optim.{i}.step"
-        train.call("optimizer.optimizer", i, opt_in, news, [f"grad.{i}.{n}" for n in names])
+        train.call("optimizer.optimizer", i, opt_in, news, [grad_state_name(i, n) for n in names])
     train.entries[-1]["free"].append("dy")
 
-    evaluate = builder()
+    evaluate = _builder(shapes, graphs, baked_layers)
     _forward(evaluate, keep_layer_inputs=False)
     evaluate.entries[-1]["free"].append("dy")
     return {"train_step": train.entries, "eval_loss": evaluate.entries}
+
+
+def ort_api_schedule(shapes: StepShapes, graphs: dict[str, dict], parameters: list[str]) -> list[dict]:
+    """`train_step_ort_api`: forward, loss, every layer's backward with its gradients kept, then one
+    `ort_training_step` over `parameters` (ORT's checkpoint order; gradients in the same order)."""
+    b = _builder(shapes, graphs, False)
+    _forward(b, keep_layer_inputs=True)
+    for i in reversed(range(shapes.spec.num_layers)):
+        _backward_layer(b, i)
+    b.entries[-1]["free"].append("dy")
+    b.live.pop("dy", None)
+    b.ort_training_step([grad_of(p) for p in parameters], parameters)
+    return b.entries
 
 
 def peak_memory(schedule: list[dict]) -> dict:

@@ -45,6 +45,14 @@ class WeightSource:
     def tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def content_sha256(self) -> str | None:
+        """A hash of the weights' content (None where the description alone determines them: random)."""
+        return None
+
+    def identity(self) -> dict:
+        """What determines the weight values: the description, plus the content hash of a checkpoint."""
+        return {"source": self.description, "sha256": self.content_sha256()}
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -72,6 +80,7 @@ class CheckpointWeights(WeightSource):
     def __init__(self, folder: Path, spec: ModelSpec, description: str):
         self.folder, self.spec, self.description = Path(folder), spec, description
         self._file_of: dict[str, Path] = {}
+        self._sha256: str | None = None
         index = self.folder / "model.safetensors.index.json"
         files = sorted(self.folder.glob("*.safetensors"))
         if index.exists():
@@ -86,6 +95,19 @@ class CheckpointWeights(WeightSource):
         missing = [n for n in self.required_names() if n not in self._file_of]
         if missing:
             raise WeightsError(f"checkpoint {self.folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
+
+    def content_sha256(self) -> str:
+        """sha256 over the checkpoint's safetensors files that hold the model's tensors: for each file, in
+        name order, its name, its byte count, then its bytes (read once, then remembered)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            for path in sorted(set(self._file_of.values())):
+                h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+            self._sha256 = h.hexdigest()
+        return self._sha256
 
     def required_names(self) -> list[str]:
         names = [EMBEDDING, FINAL_NORM]

@@ -19,6 +19,11 @@ TARGET_MODULES: dict[str, str] = {
 }
 ALL_TARGETS: tuple[str, ...] = tuple(TARGET_MODULES)
 
+# Chunking defaults (the only place they are written): embedding / LM-head rows per call (an upper
+# bound: `graphs.head.vocab_chunks` balances the chunks), and MLP channel blocks in the structured backward.
+VOCAB_CHUNK_ROWS = 8192
+MLP_BLOCKS = 4
+
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # per-layer attention kinds (transformers' names)
 ATTENTION_KINDS: tuple[str, ...] = (FULL, SLIDING)

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from graphs.config import VOCAB_CHUNK_ROWS
 from graphs.ops import rms_norm, rms_norm_backward
 
 Tensor = torch.Tensor
@@ -95,7 +96,7 @@ def chunk_weight(embedding: Tensor, index: int, rows: int) -> Tensor:
     return part
 
 
-def embed(input_ids: Tensor, embedding: Tensor, max_rows: int = 8192) -> Tensor:
+def embed(input_ids: Tensor, embedding: Tensor, max_rows: int = VOCAB_CHUNK_ROWS) -> Tensor:
     """E[ids], computed chunk by chunk as the exported graphs do.  ids (B, S) -> (B, S, H)."""
     rows, count = vocab_chunks(embedding.shape[0], max_rows)
     acc = embedding.new_zeros(*input_ids.shape, embedding.shape[1])
@@ -116,7 +117,7 @@ def scale_embedding(x: Tensor, hidden_size: int) -> Tensor:
 
 
 def lm_head_loss(x: Tensor, norm_weight: Tensor, embedding: Tensor, labels: Tensor, eps: float,
-                 max_rows: int = 8192, norm_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+                 max_rows: int = VOCAB_CHUNK_ROWS, norm_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """Final RMSNorm + tied LM head + causal-LM cross-entropy, forward and backward: (loss, dL/dx)."""
     vocab = embedding.shape[0]
     rows, count = vocab_chunks(vocab, max_rows)

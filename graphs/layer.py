@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from graphs import ops
-from graphs.config import ModelSpec
+from graphs.config import MLP_BLOCKS, ModelSpec
 from graphs.family import Family, get_family
 
 Tensor = torch.Tensor
@@ -164,7 +164,7 @@ def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, m
 
 
 def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
-                                     spec: ModelSpec, scale: float, mlp_blocks: int = 4,
+                                     spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS,
                                      attention: str | None = None) -> Tensor:
     """The same y as `decoder_layer_forward`, with attention one kv group (and sliding band) and the MLP one
     channel block at a time, so no (B, nh, S, S) or (B, S, I) tensor exists at once."""
@@ -174,7 +174,7 @@ def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora
 
 
 def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
-                           spec: ModelSpec, scale: float, mlp_blocks: int = 4, attention: str | None = None
+                           spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS, attention: str | None = None
                            ) -> tuple[Tensor, dict[str, Tensor]]:
     """Structured backward of one decoder layer: (x, dy) -> (dx, {lora name: gradient}).
 

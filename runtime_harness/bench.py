@@ -88,11 +88,11 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
 
         gc.collect()
         baseline = _rss()["VmRSS"]  # the whole model's weights count: that is what autograd holds
-        model = reference.peft_model(reference.base_model(bundle, manifest), manifest, adapter)
+        model = reference.peft_model(reference.whole_model(manifest, dtype=torch.float32), manifest, adapter)
         params = [p for n, p in model.named_parameters() if p.requires_grad]
 
         def one_step():
-            loss, grads = reference.loss_and_grads(model, ids, labels)
+            loss, grads = reference.whole_model_loss_and_grads(model, ids, labels)
             with torch.no_grad():
                 for p in params:
                     p -= lr * p.grad

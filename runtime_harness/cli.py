@@ -125,7 +125,6 @@ def run_grads(args) -> int:
     from runtime_harness.runner import BundleRunner, load_manifest
 
     manifest = load_manifest(args.bundle)
-    V.check_files(args.bundle, manifest)
     ids = _load_npy(args.input_ids, "input ids")
     labels = _load_npy(args.labels, "labels") if args.labels else ids.copy()
     V.check_batch(manifest, ids, labels)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime_harness.verify import check_files
+from runtime_harness.runner import check_bundle_files
 
 SHARED_WEIGHTS_SLACK = 1.15  # weight.bin may hold a little more than the layer's constants (alignment)
 
@@ -14,7 +14,7 @@ SHARED_WEIGHTS_SLACK = 1.15  # weight.bin may hold a little more than the layer'
 def verify_coreml_offline(bundle: Path, manifest: dict) -> dict:
     from exporter.backends.coreml import describe_package
 
-    check_files(bundle, manifest)
+    check_bundle_files(bundle, manifest)
     lines = ["Core ML prediction needs macOS: the gradients of this bundle cannot be replayed here.",
              "checked instead: file checksums, manifest schema and schedule data flow, and per package:"]
     problems = []

@@ -62,7 +62,7 @@ def probe(bundle: Path, runtime: str | None, schedule: str, seed: int) -> dict:
 
     from runtime_harness.verify import nonzero_adapter, seeded_batch
 
-    runner = BundleRunner(bundle, runtime)
+    runner = BundleRunner(bundle, runtime, check_files=False)  # measure() checked them
     _import_runtime(runner.manifest["backend"])
     gc.collect()
     baseline = _proc_status()["VmRSS"]

@@ -54,22 +54,38 @@ class BundleError(ValueError):
     """A bundle, batch or adapter that cannot be used; the message is one line for the user."""
 
 
-def load_manifest(bundle: Path) -> dict:
-    """Read and validate `bundle/manifest.json` (schema and schedule data flow)."""
+def load_manifest(bundle: Path, check_files: bool = True) -> dict:
+    """Read `bundle/manifest.json`, check it against `manifest.sha256`, validate it (schema and schedule
+    data flow) and, unless `check_files` is False, check every file it lists (size and sha256)."""
+    from exporter import integrity
     from exporter.manifest import ManifestError, validate
 
-    path = Path(bundle) / "manifest.json"
+    path = Path(bundle) / integrity.MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(integrity.read_manifest_bytes(bundle))
     except FileNotFoundError:
         raise BundleError(f"{bundle} is not a bundle (no manifest.json)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except integrity.IntegrityError as e:
+        raise BundleError(str(e)) from None
+    except (OSError, ValueError) as e:
         raise BundleError(f"cannot read {path}: {e}") from None
     try:
         validate(manifest)
     except ManifestError as e:
         raise BundleError(f"{bundle}: {e}") from None
+    if check_files:
+        check_bundle_files(bundle, manifest)
     return manifest
+
+
+def check_bundle_files(bundle: Path, manifest: dict) -> None:
+    """BundleError naming the first file the manifest lists that is missing or altered."""
+    from exporter.integrity import IntegrityError, check_files
+
+    try:
+        check_files(bundle, manifest)
+    except IntegrityError as e:
+        raise BundleError(str(e)) from None
 
 
 @dataclass
@@ -94,9 +110,9 @@ class StepTrace:
 class BundleRunner:
     """Runs a bundle's graphs with the runtime of its backend (Core ML raises RuntimeUnavailable off macOS)."""
 
-    def __init__(self, bundle: Path, runtime: str | None = None):
+    def __init__(self, bundle: Path, runtime: str | None = None, check_files: bool = True):
         self.bundle = Path(bundle)
-        self.manifest = load_manifest(self.bundle)
+        self.manifest = load_manifest(self.bundle, check_files)
         backend = self.manifest["backend"]
         if runtime is not None and runtime != backend:
             raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
@@ -133,6 +149,29 @@ class BundleRunner:
                 store[t["name"]] = np.full(t["shape"], float(init["fill"]), dtype=NP_DTYPES[t["dtype"]])
         return store
 
+    # -- ONNX Runtime's training API (schedule train_step_ort_api)
+    def _ort_training_step(self, entry: dict, store: dict[str, np.ndarray]) -> None:
+        """Parameters from the store into ORT's CheckpointState, the gradients into Module, Optimizer.step,
+        the updated parameters back into the store (the order the README documents)."""
+        if getattr(self, "_ort_api", None) is None:
+            from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+            info = self.manifest["ort_training"]
+            state = CheckpointState.load_checkpoint(str(self.bundle / info["checkpoint"]))
+            module = Module(str(self.bundle / info["training_model"]), state, device="cpu")  # before any set:
+            optimizer = Optimizer(str(self.bundle / info["optimizer_model"]), module)  # (else a segfault)
+            self._ort_api = (state, module, optimizer)
+        state, module, optimizer = self._ort_api
+        for name in entry["parameters"]:
+            state.parameters[name].data = np.ascontiguousarray(store[name], dtype=np.float32)
+        module.train()
+        module.lazy_reset_grad()
+        module(*[np.ascontiguousarray(store[g], dtype=np.float32) for g in entry["gradients"]])
+        optimizer.set_learning_rate(float(np.asarray(store[entry["lr"]]).reshape(-1)[0]))
+        optimizer.step()
+        for name in entry["parameters"]:
+            store[name] = np.array(state.parameters[name].data, dtype=np.float32)
+
     # -- one schedule
     def _weight(self, source: dict, headers: dict) -> np.ndarray:
         path = self.bundle / source["file"]
@@ -151,6 +190,18 @@ class BundleRunner:
         for index, entry in enumerate(self.manifest["schedules"][schedule]):
             if entry["op"] == "fill":
                 store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
+                continue
+            if entry["op"] == "ort_training_step":
+                t0 = time.perf_counter()
+                self._ort_training_step(entry, store)
+                record = CallRecord(index, "ort_training_step", None, time.perf_counter() - t0,
+                                    sum(v.nbytes for v in store.values()), 0)
+                for name in entry["free"]:
+                    if keep is None or not keep(name):
+                        store.pop(name, None)
+                trace.calls.append(record)
+                if on_call is not None:
+                    on_call(record)
                 continue
             graph = self.manifest["graphs"][entry["graph"]]
             args, weight_bytes = [], 0

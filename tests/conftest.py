@@ -10,7 +10,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, tests/eager_backend.py
 
 import exporter  # noqa: E402,F401  (quiets third-party import logs)
-from helpers import make_hf_checkpoint, tiny_spec  # noqa: E402
+from helpers import runnable_backends, make_hf_checkpoint, tiny_spec  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_cache(tmp_path_factory):
+    """Builds that use the default cache (the CLI, subprocesses) write to a session folder, never to the
+    user's ~/.cache/ondevice-lora or $ONDEVICE_LORA_CACHE."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONDEVICE_LORA_CACHE", str(tmp_path_factory.mktemp("ondevice-lora-cache")))
+        mp.delenv("XDG_CACHE_HOME", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +53,7 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-RUNTIMES = ["executorch", "ort"]
-
-
-@pytest.fixture(scope="session", params=RUNTIMES)
+@pytest.fixture(scope="session", params=runnable_backends())
 def tiny_bundle(request, tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint (no tokenizer: bytes) built for each runtime, sequence 16, SGD; built once."""
     from exporter.build import Reporter, build

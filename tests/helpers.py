@@ -92,6 +92,32 @@ def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, init_std: f
     return model
 
 
+_RUNTIME_MODULES = {"executorch": "executorch.runtime", "ort": "onnxruntime", "coreml": "coremltools"}
+
+
+def runnable_backends() -> list:
+    """Every backend in the registry as a pytest param; one whose runtime cannot run graphs here is
+    skipped with the reason (Core ML off macOS is covered structurally by test_backend_coreml.py)."""
+    import importlib.util
+    import sys
+
+    import pytest
+
+    from exporter.backends import BACKEND_NAMES
+
+    params = []
+    for name in BACKEND_NAMES:
+        module = _RUNTIME_MODULES.get(name, name)
+        if name == "coreml" and sys.platform != "darwin":
+            reason = "Core ML prediction needs macOS (its structure is checked in test_backend_coreml.py)"
+        elif importlib.util.find_spec(module.split(".")[0]) is None:
+            reason = f"the {name} runtime ({module}) is not installed"
+        else:
+            reason = None
+        params.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)) if reason else name)
+    return params
+
+
 @contextmanager
 def torch_threads(n: int):
     """Run the block with `torch.set_num_threads(n)`, then restore the previous count.

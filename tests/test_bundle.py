@@ -20,7 +20,8 @@ from exporter.config import BuildConfig
 from exporter.manifest import ManifestError, validate
 from graphs.config import LoraConfig
 from runtime_harness.runner import BundleError, BundleRunner
-from runtime_harness.verify import check_files, verify
+from runtime_harness.runner import check_bundle_files as check_files
+from runtime_harness.verify import verify
 
 TINY_LORA = LoraConfig(rank=4, seq_len=16)
 

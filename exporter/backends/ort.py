@@ -12,8 +12,10 @@ patterns) and exposes no static plan to read back.
 
 Training artifacts (`write_training_artifacts`), under `training/`:
   checkpoint            ORT CheckpointState: every LoRA tensor, as a trainable parameter, under its bundle
-                        state name (`lora.<layer>.<module>.lora_A|B`, no renaming).
-  training_model.onnx   a "gradient injection" model: inputs `grad.<name>` (one per parameter, in
+                        state name (`lora.<layer>.<module>.lora_A|B`, no renaming). ORT lists them sorted
+                        by name; the manifest's `ort_training.parameters` is that same order (checked).
+  training_model.onnx   a "gradient injection" model: inputs named as the schedule's store names for
+                        the gradients (`grad.<layer>.<module>.lora_A|B`, one per parameter, in
                         `parameters` order), loss = sum_i ReduceSum(p_i * grad_i). ORT's own gradient of
                         that loss w.r.t. p_i is exactly grad_i, so `Module.train_step(*grads)` loads the
                         gradients that the bundle's layer_backward graphs computed into the parameters'
@@ -26,6 +28,10 @@ Training artifacts (`write_training_artifacts`), under `training/`:
                         learning rate, so eps is added to the uncorrected sqrt(v); weight decay after the
                         update) and eps 1e-6. Both differ from torch only where eps or decay matter.
   (eval_model.onnx, which generate_artifacts also writes, is dropped: there is nothing to evaluate.)
+
+Driving them (onnxruntime-training 1.19.2; the bundle's `train_step_ort_api` schedule, see
+`exporter.schedule`): CheckpointState.load_checkpoint, then Module, then Optimizer; only then set
+parameter values (`state.parameters[name].data = ...`): setting them before Module exists segfaults.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import torch
 
 from exporter.backends.base import Backend, GraphFn, LoweredGraph
 from exporter.graph_defs import GraphDef, StepShapes
+from exporter.bundle_format import TRAINING_DIR, grad_of
 from graphs import optim as optim_math
 
 # torch.onnx logs one warning per torchvision op it cannot register: noise for this tool.
@@ -50,7 +57,6 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 18  # torchlib's native opset (no version conversion); ORT 1.19 runs <= 21
 MAX_IR_VERSION = 10  # ORT 1.19 loads IR <= 10
 _PROTOBUF_LIMIT = 1_800_000_000  # bytes; past this, initializers go to external data
-TRAINING_DIR = "training"
 
 # --------------------------------------------------------------------------------------------- lowering
 
@@ -194,25 +200,31 @@ class OrtBackend(Backend):
 
     # ---- training artifacts
     def write_training_artifacts(self, shapes: StepShapes, lora_state: dict, out_dir: Path) -> dict:
-        names = list(lora_state)
+        names = sorted(lora_state)  # ORT's CheckpointState lists parameters sorted by name
         params = {n: np.ascontiguousarray(torch.as_tensor(lora_state[n]).detach().to(torch.float32).cpu().numpy())
                   for n in names}
         target = Path(out_dir) / TRAINING_DIR
         target.mkdir(parents=True, exist_ok=True)
         files = generate_training_artifacts(params, shapes.optimizer, target)
         rel = {k: f"{TRAINING_DIR}/{v}" for k, v in files.items()}
-        notes = ("ORT on-device training API. state = CheckpointState.load_checkpoint(checkpoint); "
-                 "module = Module(training_model, state); optimizer = Optimizer(optimizer_model, module). "
-                 "Per step: compute every grad_<lora> with the bundle's layer_backward graphs, then "
-                 "module.lazy_reset_grad(); module(*grads in `parameters` order) (copies them into the "
+        listed = checkpoint_parameter_names(target / files["checkpoint"])
+        if listed != names:
+            raise RuntimeError(f"ORT lists the checkpoint's parameters in another order: {listed[:3]}")
+        notes = ("Schedule train_step_ort_api. Once: state = CheckpointState.load_checkpoint(checkpoint); "
+                 "module = Module(training_model, state, device='cpu'); optimizer = Optimizer(optimizer_model, "
+                 "module) (in this order; set state.parameters[name].data only after Module exists: before, "
+                 "onnxruntime-training 1.19.2 segfaults). At the ort_training_step entry: "
+                 "state.parameters[p].data = store[p] for p in parameters; module.train(); "
+                 "module.lazy_reset_grad(); module(*[store[g] for g in gradients]) (copies them into the "
                  "gradient buffers: d/dp_i of sum_i sum(p_i * g_i) = g_i; its loss output is meaningless); "
-                 "optimizer.set_learning_rate(lr); optimizer.step(); read the updated tensors from "
-                 "state.parameters[name].data. The optimizer keeps its own step count and AdamW moments "
-                 "(save them with CheckpointState.save_checkpoint(state, path, include_optimizer_state=True)). "
-                 "The bundle's per-layer `optimizer` graph computes the same update without the training API.")
+                 "optimizer.set_learning_rate(lr); optimizer.step(); store[p] = state.parameters[p].data; "
+                 "free the gradients. The Optimizer keeps its own step count and AdamW moments (the store's "
+                 "optim.* tensors are unused on this path; save them with CheckpointState.save_checkpoint(state, "
+                 "path, include_optimizer_state=True)). lr 0 leaves the parameters unchanged but still advances "
+                 "AdamW's step and moments, on this path as in the optimizer graphs.")
         entry = {"checkpoint": rel["checkpoint"], "training_model": rel["training_model"],
                  "optimizer_model": rel["optimizer_model"], "optimizer": shapes.optimizer,
-                 "parameters": names, "gradient_inputs": [grad_input_name(n) for n in names],
+                 "parameters": names, "gradient_inputs": [grad_of(n) for n in names],
                  "notes": notes}
         if shapes.optimizer == "adamw":
             entry["adamw"] = {**vars(optim_math.AdamWSettings()), "adam_mode": 0, "correct_bias": 1}
@@ -224,8 +236,11 @@ BACKEND = OrtBackend()
 
 # --------------------------------------------------------------------------------------- training files
 
-def grad_input_name(param: str) -> str:
-    return f"grad.{param}"
+def checkpoint_parameter_names(path: Path) -> list[str]:
+    """The parameter names of an ORT checkpoint, in the order ORT lists them."""
+    from onnxruntime.training.api import CheckpointState
+
+    return [name for name, _ in CheckpointState.load_checkpoint(str(path)).parameters]
 
 
 def gradient_injection_model(params: dict[str, np.ndarray], opset: int = OPSET):
@@ -235,7 +250,7 @@ def gradient_injection_model(params: dict[str, np.ndarray], opset: int = OPSET):
 
     nodes, inputs, terms = [], [], []
     for i, (name, value) in enumerate(params.items()):
-        g = grad_input_name(name)
+        g = grad_of(name)
         inputs.append(helper.make_tensor_value_info(g, TensorProto.FLOAT, list(value.shape)))
         nodes.append(helper.make_node("Mul", [name, g], [f"prod_{i}"]))
         nodes.append(helper.make_node("ReduceSum", [f"prod_{i}"], [f"term_{i}"], keepdims=0))

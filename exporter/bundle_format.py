@@ -1,0 +1,53 @@
+"""The bundle format in one place: folder and file names, store names, dtypes, PEFT names and the
+thresholds a bundle is verified against. The README's "Bundle format" section documents these;
+`exporter.manifest` validates a manifest's structure (`manifest_schema.json`)."""
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+# files and folders
+MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest.sha256"  # "<sha256 hex>  manifest.json" (sha256sum format)
+EMBEDDING_FILE = "weights/embedding.safetensors"
+LM_HEAD_FILE = "weights/lm_head.safetensors"
+FINAL_NORM_FILE = "weights/final_norm.safetensors"
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_DIR = "training"  # ONNX Runtime training artifacts
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def layer_file(i: int) -> str:
+    return f"weights/layer_{i:02d}.safetensors"
+
+
+# tensor dtypes: manifest name -> bytes per element
+DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2}
+
+
+# store names (the app's tensor store; exporter.schedule lists them all)
+def lora_state_name(layer: int, name: str) -> str:
+    return f"lora.{layer}.{name}"
+
+
+def grad_state_name(layer: int, name: str) -> str:
+    return f"grad.{layer}.{name}"
+
+
+def grad_of(state_name: str) -> str:
+    """The store name of a LoRA parameter's gradient: `lora.3.<module>.lora_A` -> `grad.3.<module>.lora_A`."""
+    layer, name = state_name[len("lora."):].split(".", 1)
+    return grad_state_name(int(layer), name)
+
+
+def peft_tensor_name(layer: int, name: str) -> str:
+    """`self_attn.q_proj.lora_A` of layer 3 -> PEFT's saved name `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
+    return f"base_model.model.model.layers.{layer}.{name}.weight"
+
+
+# verification: a bundle passes when every LoRA gradient (and the loss) agrees with the float64 reference
+COSINE_MIN = 0.99999
+REL_ERR_MAX = 1e-4  # max |ours - ref| / max |ref|
