@@ -43,6 +43,14 @@ def code_digest(backend) -> str:
     return h.hexdigest()
 
 
+class CacheError(ValueError):
+    """A cache entry that cannot be used; the message is one line naming the entry and `--no-cache`."""
+
+
+def _broken(entry: Path, why: str) -> CacheError:
+    return CacheError(f"the build cache entry {entry} is broken ({why}); delete it, or build with --no-cache")
+
+
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
@@ -105,8 +113,15 @@ class ArtifactCache:
         meta = d / "lowered.json"
         if not meta.is_file():
             return None
-        lowered = json.loads(meta.read_text())
-        for rel in sorted({g["file"] for g in lowered}):
+        try:
+            lowered = json.loads(meta.read_text())
+            files = sorted({g["file"] for g in lowered})
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            raise _broken(d, "lowered.json is not a list of graphs") from None
+        for rel in files:
+            if not (d / "files" / rel).exists():
+                raise _broken(d, f"{rel} is missing")
+        for rel in files:
             target = stage / rel
             if not target.exists():
                 _copy(d / "files" / rel, target)

@@ -34,13 +34,18 @@ class UnsupportedModel(ValueError):
 
 
 def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSpec:
-    """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec."""
+    """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec.
+
+    Raises UnsupportedModel (one line) for anything else: not an object, another model_type, a missing
+    field, or a number that is not a positive integer (e.g. zero heads)."""
+    if not isinstance(config, dict):
+        raise UnsupportedModel(f"{name}: config.json is not a JSON object")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(
             f"{name}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        hidden, heads = _positive_int(config, "hidden_size"), _positive_int(config, "num_attention_heads")
         head_dim = int(config.get("head_dim") or hidden // heads)
         if head_dim * heads != hidden:
             raise UnsupportedModel(f"{name}: head_dim * num_attention_heads != hidden_size is not supported")
@@ -54,5 +59,16 @@ def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSp
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
+    except UnsupportedModel:
+        raise
     except KeyError as e:
         raise UnsupportedModel(f"{name}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, or ModelSpec's own checks
+        raise UnsupportedModel(f"{name}: config.json: {e}") from None
+
+
+def _positive_int(config: dict, key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value

@@ -2,20 +2,23 @@
 
 1. tokenize the text (the bundle's tokenizer; a tiny test model without one uses bytes);
 2. cut it into windows of the bundle's sequence length (labels = input ids; the loss head shifts);
-3. run `--steps` steps in a seeded order over the windows, with a progress bar;
-4. write the loss curve (CSV + PNG) and the trained adapter in PEFT format.
+3. run `--steps` steps in a seeded order over the windows, with a progress bar (plain lines off a terminal);
+4. write the loss curve (CSV + PNG) and the trained adapter in PEFT format; the run folder is created only
+   now. On Ctrl-C (or SIGTERM / SIGHUP) the completed steps are saved the same way and the result says
+   `interrupted`; interrupted before the first step completes, nothing is written.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from exporter.adapter import ADAPTER_CONFIG, write_adapter
+from exporter.outputs import removed_on_failure
+from exporter.progress import progress as progress_bar
 from runtime_harness.runner import BundleError, BundleRunner
 
 DEFAULT_LR = {"sgd": 1e-2, "adamw": 1e-3}
@@ -81,10 +84,14 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> None:
 
 
 def train(bundle: Path, text: str, steps: int, out: Path, lr: float | None = None, runtime: str | None = None,
-          adapter: dict[str, np.ndarray] | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Run `steps` training steps; returns {"losses": [...], "adapter": folder, ...}."""
-    if steps <= 0:
-        raise BundleError(f"--steps must be positive, got {steps}")
+          adapter: dict[str, np.ndarray] | None = None, seed: int = 0, progress: bool | str = True) -> dict:
+    """Run `steps` training steps; returns {"losses": [...], "adapter": folder, "interrupted": bool, ...}.
+
+    `progress`: True (a bar), False (nothing), or a mode of `exporter.progress` ("lines" off a terminal)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise BundleError(f"--steps must be a positive integer, got {steps}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise BundleError(f"--lr must be a positive finite number, got {lr}")
     runner = BundleRunner(bundle, runtime)
     m = runner.manifest
     lr = DEFAULT_LR[m["optimizer"]["name"]] if lr is None else lr
@@ -96,22 +103,43 @@ def train(bundle: Path, text: str, steps: int, out: Path, lr: float | None = Non
     store = runner.initial_state(adapter)
     runner.load_all()
     order = np.random.default_rng(seed).permutation(len(data))
-    out.mkdir(parents=True, exist_ok=True)
     losses, seconds = [], []
-    bar = tqdm(range(steps), desc="train", unit="step", disable=not progress)
-    for k in bar:
-        batch = data[order[k % len(data)]]
-        t0 = time.perf_counter()
-        loss, _ = runner.step(store, batch, batch, lr)
-        seconds.append(time.perf_counter() - t0)
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
+    mode = progress if isinstance(progress, str) else ("bar" if progress else "off")
+    bar = progress_bar(range(steps), "train", "steps", mode)
+    interrupted = False
+    try:
+        for k in bar:
+            batch = data[order[k % len(data)]]
+            t0 = time.perf_counter()
+            step_store = dict(store)  # the step replaces tensors, never mutates them: all or nothing
+            loss, _ = runner.step(step_store, batch, batch, lr)
+            store = step_store
+            seconds.append(time.perf_counter() - t0)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    except KeyboardInterrupt:
+        if not losses:
+            raise
+        interrupted = True
+    finally:
+        bar.close()
+    try:
+        with removed_on_failure(out):
+            folder = _save(runner, store, out, losses, seconds, lr)
+    except OSError as e:
+        raise BundleError(f"cannot write the run to {out}: {e.strerror or e}") from None
+    return {"losses": losses, "step_seconds": seconds, "adapter": str(folder), "lr": lr,
+            "windows": int(len(data)), "out": str(out), "interrupted": interrupted}
+
+
+def _save(runner: BundleRunner, store: dict, out: Path, losses: list[float], seconds: list[float], lr: float) -> Path:
+    """loss.csv, loss.png and the adapter of the completed steps into `out` (created here)."""
+    m = runner.manifest
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "loss.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss", "seconds"])
         w.writerows([k + 1, f"{l:.6f}", f"{s:.4f}"] for k, (l, s) in enumerate(zip(losses, seconds)))
     plot_losses({m["method"]: losses}, out / "loss.png",
                 f"{m['model']['name']} / {m['backend']} / {m['optimizer']['name']} lr {lr:g}")
-    folder = save_adapter(runner, store, out)
-    return {"losses": losses, "step_seconds": seconds, "adapter": str(folder), "lr": lr,
-            "windows": int(len(data)), "out": str(out)}
+    return save_adapter(runner, store, out)
