@@ -212,9 +212,11 @@ def resolve_checkpoint_folder(source: str) -> tuple[Path, str]:
     try:
         folder = snapshot_download(source, allow_patterns=patterns)
     except Exception as e:  # offline, not cached, no such repo, gated
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _first_line(e)
+        if len(reason) > 160:  # whole words only
+            reason = reason[:160].rsplit(" ", 1)[0] + " …"
         raise WeightsError(
-            f"cannot get weights for {source} from the Hugging Face Hub or its cache ({reason[:160]}); "
+            f"cannot get weights for {source} from the Hugging Face Hub or its cache ({reason}); "
             f"pass --weights PATH to a local checkpoint folder, or --weights random") from None
     return Path(folder), f"hf://{source}"
 

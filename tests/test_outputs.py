@@ -196,3 +196,18 @@ def test_help_shows_every_default_from_the_config_dataclasses():
         assert all(helps[f] for f in helps), command
         for flag, value in defaults.items():
             assert f"default: {value}" in helps[flag], (command, flag, helps[flag])
+
+
+def test_train_on_a_full_disk_is_one_line_and_leaves_no_folder(ort_bundle, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import runtime_harness.train as train_mod
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "plot_losses", full)
+    out = tmp_path / "run"
+    assert harness_main(["train", str(ort_bundle), "--data", str(_text(tmp_path)), "--steps", "1", "--out",
+                         str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("train: ")]
+    assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0]
+    assert not out.exists()
