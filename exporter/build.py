@@ -91,14 +91,15 @@ def resolve(config: BuildConfig) -> Resolved:
 
 
 def check_trainable(shapes: gd.StepShapes) -> None:
-    """Refuse (ValueError, one line) settings that cannot train this architecture or cannot fit on a phone."""
+    """Refuse (ValueError, one line) settings that cannot train this architecture or cannot fit on a phone.
+
+    (Zero trainable parameters cannot happen: LoraConfig requires a positive rank and at least one target,
+    and the checkpoint is checked to hold every target's weights.)"""
     spec = shapes.spec
     shapes.lora.validate_for(spec)
     if shapes.mlp_blocks > spec.intermediate_size:
         raise ValueError(f"--mlp-blocks {shapes.mlp_blocks} is larger than the MLP's {spec.intermediate_size} "
                          f"channels")
-    if shapes.lora.trainable_parameters(spec) == 0:
-        raise ValueError("these LoRA settings train no parameter")
     check_fits(shapes)
 
 
