@@ -1,7 +1,8 @@
 """Build a device bundle.
 
 1. resolve: model spec (registry or checkpoint config.json), weights source, LoRA and step shapes;
-2. stage: write everything into a temporary folder beside the output;
+2. stage: write everything into a staging folder beside the output (named for this process; staging
+   folders of builds that were killed are removed first; SIGTERM / SIGHUP clean up like Ctrl-C);
 3. weights: one safetensors file per layer (backends that take weights as inputs), the embedding
    (zero-padded to whole vocabulary chunks) and the final norm, read one layer at a time;
 4. graphs: trace each subgraph with torch.export and lower it with the backend (cached by content);
@@ -11,25 +12,27 @@
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from exporter import adapter as adapter_io
+from exporter import outputs
 from exporter import graph_defs as gd
 from exporter import integrity
 from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES
 from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
-from exporter.cache import ArtifactCache, code_digest
+from exporter.budget import check_fits
+from exporter.progress import progress, routed_warnings
+from exporter.cache import ArtifactCache, CacheError, code_digest
 from exporter.config import BuildConfig, default_out
 from exporter.manifest import validate as validate_manifest
 from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
@@ -63,26 +66,54 @@ def resolve(config: BuildConfig) -> Resolved:
         raise BuildError(f"unknown method {config.method!r}; choose from {', '.join(gd.METHODS)}")
     if config.optimizer not in gd.OPTIMIZERS:
         raise BuildError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(gd.OPTIMIZERS)}")
-    if config.vocab_chunk_rows <= 0 or config.mlp_blocks <= 0:
-        raise BuildError("--vocab-chunk-rows and --mlp-blocks must be positive")
+    for flag, value in (("--vocab-chunk-rows", config.vocab_chunk_rows), ("--mlp-blocks", config.mlp_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise BuildError(f"{flag} must be a positive integer, got {value}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise BuildError(f"--seed must be a non-negative integer, got {config.seed}")
     try:
         spec, model_folder = _resolve_model(config.model)
         if spec.family not in BUILDABLE_FAMILIES:
             raise BuildError(f"{spec.name}: the exporter cannot build {spec.family} models yet "
                              f"(buildable families: {', '.join(BUILDABLE_FAMILIES)})")
-        config.lora.validate_for(spec)
+        out = outputs.resolve_out(config.out or default_out(spec.name, config.backend))
+        outputs.check_creatable(out)
+        outputs.check_replaceable(out)
+        shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
+                               config.mlp_blocks)
+        check_trainable(shapes)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
         if weights_source is None:
             raise BuildError(f"{spec.name} names no checkpoint; pass --weights PATH or --weights random")
         weights = open_weights(weights_source, spec, config.seed)
+        checkpoint = getattr(weights, "folder", None)
+        _check_positions(config.lora.seq_len, spec, checkpoint or model_folder)
     except (WeightsError, UnsupportedModel, ValueError) as e:
         raise BuildError(str(e)) from None
-    checkpoint = getattr(weights, "folder", None)
-    out = Path(config.out) if config.out else default_out(spec.name, config.backend)
-    _check_writable(out)
-    shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
-                           config.mlp_blocks)
     return Resolved(spec, weights, checkpoint, shapes, out)
+
+
+def check_trainable(shapes: gd.StepShapes) -> None:
+    """Refuse (ValueError, one line) settings that cannot train this architecture or cannot fit on a phone.
+
+    (Zero trainable parameters cannot happen: LoraConfig requires a positive rank and at least one target,
+    and the checkpoint is checked to hold every target's weights.)"""
+    spec = shapes.spec
+    shapes.lora.validate_for(spec)
+    if shapes.mlp_blocks > spec.intermediate_size:
+        raise ValueError(f"--mlp-blocks {shapes.mlp_blocks} is larger than the MLP's {spec.intermediate_size} "
+                         f"channels")
+    check_fits(shapes)
+
+
+def _check_positions(seq_len: int, spec: ModelSpec, folder: Path | None) -> None:
+    """The sequence length must not exceed the positions the checkpoint was trained for."""
+    limit = spec.to_hf_config().get("max_position_embeddings")
+    if folder is not None:
+        config = read_hf_config(Path(folder))
+        limit = config.get("max_position_embeddings", limit) if isinstance(config, dict) else limit
+    if isinstance(limit, int) and not isinstance(limit, bool) and seq_len > limit:
+        raise BuildError(f"--seq-len {seq_len} is longer than the checkpoint's max_position_embeddings ({limit})")
 
 
 def _resolve_model(model: str) -> tuple[ModelSpec, Path | None]:
@@ -95,19 +126,6 @@ def _resolve_model(model: str) -> tuple[ModelSpec, Path | None]:
     folder, description = resolve_checkpoint_folder(model)
     name = Path(model).expanduser().resolve().name if Path(model).expanduser().exists() else model
     return spec_from_hf_config(read_hf_config(folder), name, None if Path(model).expanduser().exists() else model), folder
-
-
-def _check_writable(out: Path) -> None:
-    parent = out.resolve().parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise BuildError(f"cannot write to {out}: {existing} is not a writable folder")
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"cannot write to {out}: it exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise BuildError(f"{out} exists and is not a bundle; refusing to replace it")
 
 
 def _programs(r: Resolved, backend) -> dict:
@@ -134,7 +152,7 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
     (stage / "weights").mkdir(parents=True)
     base_key = {"weights": r.weights.identity(), "spec": s.spec.to_dict()}
     layers = [] if backend.weights_in_graphs else list(range(s.spec.num_layers))
-    for i in tqdm(layers, desc="weights", unit="layer", disable=not say.progress, leave=False):
+    for i in progress(layers, "weights", "layers", say.mode, leave=False):
         key = cache.key({**base_key, "layer": i})
         target = stage / sched.layer_file(i)
         if not cache.fetch_file(key, target):
@@ -163,7 +181,7 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
     graphs: dict[str, dict] = {}
     (stage / "graphs").mkdir(parents=True, exist_ok=True)
     code = code_digest(backend)
-    bar = tqdm(programs.items(), desc="graphs", unit="program", disable=not say.progress)
+    bar = progress(programs.items(), "graphs", "programs", say.mode)
     for program, make in bar:
         bar.set_postfix_str(program)
         baked_layer = program.startswith("layer_")
@@ -210,8 +228,16 @@ def _copy_tokenizer(r: Resolved, stage: Path) -> bool:
 
 
 class Reporter:
-    def __init__(self, progress: bool = True, verbose: bool = False):
-        self.progress, self.verbose = progress, verbose
+    """How a build reports: `progress` True (a bar), False (nothing), or a mode of `exporter.progress`
+    ("bar", "lines" for logs and CI, "off"); `verbose` adds per-program timings."""
+
+    def __init__(self, progress: bool | str = True, verbose: bool = False):
+        self.mode = progress if isinstance(progress, str) else ("bar" if progress else "off")
+        self.verbose = verbose
+
+    @property
+    def progress(self) -> bool:
+        return self.mode != "off"
 
     def detail(self, message: str) -> None:
         if self.verbose:
@@ -224,12 +250,31 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
     r = resolve(config)
     backend = get_backend(config.backend)
     cache = cache or ArtifactCache.default()
-    r.out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{r.out.name}.staging-", dir=r.out.parent))
+    with outputs.signals_interrupt():
+        try:
+            outputs.remove_stale(r.out)
+            stage = outputs.staging_dir(r.out)
+        except OSError as e:
+            raise BuildError(f"cannot write to {r.out}: {e.strerror or e}") from None
+        try:
+            with routed_warnings():
+                manifest = _build_in(stage, config, r, backend, cache, say)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    manifest["bundle_dir"] = str(r.out)
+    return manifest
+
+
+def _build_in(stage: Path, config: BuildConfig, r: Resolved, backend, cache: ArtifactCache, say) -> dict:
+    """Steps 3-7 into `stage`; failures the user can act on become one-line BuildErrors."""
     t0 = time.time()
     try:
         _write_weights(r, stage, backend, cache, say)
         graphs = _lower_all(r, stage, backend, cache, say)
+        if cache.discarded:
+            tqdm.write(f"note: {len(cache.discarded)} build-cache entries did not match their recorded sha256 "
+                       f"and were rebuilt", file=sys.stderr)
         lora_init = adapter_io.init_lora(r.spec, config.lora, config.seed)
         base = r.spec.hf_repo or (str(r.checkpoint_folder) if r.checkpoint_folder else r.spec.name)
         adapter_io.write_adapter(stage / ADAPTER_DIR, lora_init, adapter_io.peft_config(r.spec, config.lora, base))
@@ -246,25 +291,29 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
         validate_manifest(manifest)
         integrity.write_manifest(stage, manifest)
         _publish(stage, r.out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    manifest["bundle_dir"] = str(r.out)
+    except WeightsError as e:  # a tensor that cannot be read
+        raise BuildError(str(e)) from None
+    except CacheError as e:
+        raise BuildError(str(e)) from None
+    except (OSError, SafetensorError) as e:  # a full disk, an output that went away
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise BuildError(f"cannot write the bundle {r.out}: {reason}") from None
     return manifest
 
 
 def _publish(stage: Path, out: Path) -> None:
     """Swap the staged folder into place; the old bundle is removed only after the new one is there."""
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    try:
-        stage.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
+    with outputs.signals_deferred():  # the two renames are not interrupted half-way
+        if out.exists():
+            old = outputs.aside_name(out)
+            out.rename(old)
+        try:
+            stage.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -47,6 +47,14 @@ def code_digest(backend) -> str:
     return h.hexdigest()
 
 
+class CacheError(ValueError):
+    """A cache entry that cannot be used; the message is one line naming the entry and `--no-cache`."""
+
+
+def _broken(entry: Path, why: str) -> CacheError:
+    return CacheError(f"the build cache entry {entry} is broken ({why}); delete it, or build with --no-cache")
+
+
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
@@ -73,6 +81,8 @@ class ArtifactCache:
             elif path.exists():
                 path.unlink()
         shutil.rmtree(self._dir(key), ignore_errors=True)
+        if self._dir(key).exists():  # a broken entry that stays would be found again by every build
+            raise _broken(self._dir(key), "its files do not match their recorded sha256 and it cannot be removed")
         self.discarded.append(key)
 
     def _verified(self, key: str, pairs: list[tuple[str, Path]], hashes: dict) -> bool:

@@ -14,6 +14,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _number(kind: type, low: float, strict: bool, what: str):
+    """An argparse type: `kind` values (finite) above `low` (or at least `low` when not strict)."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, True, "a positive integer")
+count = _number(int, 0, False, "a non-negative integer")
+positive_float = _number(float, 0.0, True, "a positive finite number")
+
+
+def _defaults() -> dict:
+    """The defaults of the build flags, read from the one config dataclass (BuildConfig / LoraConfig)."""
+    from exporter.config import BuildConfig
+
+    b, lora = BuildConfig(), LoraConfig()
+    return {"seq_len": lora.seq_len, "rank": lora.rank, "alpha": lora.alpha, "targets": ",".join(lora.targets),
+            "optimizer": b.optimizer, "method": b.method, "vocab_chunk_rows": b.vocab_chunk_rows,
+            "mlp_blocks": b.mlp_blocks, "seed": b.seed}
+
+
 def _human(n: float | None) -> str:
     if n is None:
         return "-"
@@ -31,22 +63,32 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list-models", help="the registry: layers, hidden size, parameters, LoRA parameters")
 
+    d = _defaults()
     b = sub.add_parser("build", help="write a device bundle")
     b.add_argument("--model", required=True, help="registry name, checkpoint folder, or Hugging Face repo id")
-    b.add_argument("--backend", required=True, choices=BACKEND_NAMES)
-    b.add_argument("--out", type=Path, help="bundle folder (default: bundles/<model>-<backend>)")
+    b.add_argument("--backend", required=True, choices=BACKEND_NAMES, help="the runtime the bundle is for")
+    b.add_argument("--out", type=Path, help="bundle folder (default: bundles/<model>-<backend>); an existing "
+                   "bundle there is replaced when the new one is complete, any other non-empty folder is refused")
     b.add_argument("--weights", help="HF repo id, checkpoint folder, or 'random' (default: the model's own)")
-    b.add_argument("--seq-len", type=int)
-    b.add_argument("--lora-rank", type=int)
-    b.add_argument("--lora-alpha", type=float)
-    b.add_argument("--lora-targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
-    b.add_argument("--optimizer", choices=OPTIMIZERS)
-    b.add_argument("--method", choices=METHODS, help="mesp: hand-derived backward; mebp: autodiff baseline")
-    b.add_argument("--vocab-chunk-rows", type=int, help="embedding / LM-head rows per call")
-    b.add_argument("--mlp-blocks", type=int, help="MLP channel blocks inside the structured backward")
-    b.add_argument("--seed", type=int, help="seed of random weights and of the initial adapter")
+    b.add_argument("--seq-len", type=positive_int, metavar="N",
+                   help=f"tokens per training sequence, at least 2 (default: {d['seq_len']})")
+    b.add_argument("--lora-rank", type=positive_int, metavar="R", help=f"LoRA rank (default: {d['rank']})")
+    b.add_argument("--lora-alpha", type=positive_float, metavar="A",
+                   help=f"LoRA alpha; the scale is alpha / rank (default: {d['alpha']:g})")
+    b.add_argument("--lora-targets", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: {d['targets']})")
+    b.add_argument("--optimizer", choices=OPTIMIZERS, help=f"update in the bundle (default: {d['optimizer']})")
+    b.add_argument("--method", choices=METHODS,
+                   help=f"mesp: hand-derived backward; mebp: autodiff baseline (default: {d['method']})")
+    b.add_argument("--vocab-chunk-rows", type=positive_int, metavar="N",
+                   help=f"embedding / LM-head rows per call, balanced over the vocabulary (default: {d['vocab_chunk_rows']})")
+    b.add_argument("--mlp-blocks", type=positive_int, metavar="N",
+                   help=f"MLP channel blocks inside the structured backward (default: {d['mlp_blocks']})")
+    b.add_argument("--seed", type=count, metavar="N",
+                   help=f"seed of random weights and of the initial adapter (default: {d['seed']})")
     b.add_argument("--no-cache", action="store_true", help="re-trace and re-lower everything")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--quiet", action="store_true", help="no progress (default: a bar on a terminal, a line "
+                   "every few seconds in logs)")
     b.add_argument("--verbose", action="store_true", help="per-program timings")
 
     i = sub.add_parser("inspect", help="print a bundle's manifest as a readable summary")
@@ -83,13 +125,14 @@ def list_models() -> int:
 def run_build(args: argparse.Namespace) -> int:
     from exporter.build import BuildError, Reporter, build
     from exporter.cache import ArtifactCache
+    from exporter.progress import mode_for
 
     try:
         config = build_config(args)
     except ValueError as e:
         raise BuildError(str(e)) from None
     cache = ArtifactCache.disabled() if args.no_cache else None
-    manifest = build(config, Reporter(progress=not args.quiet and sys.stderr.isatty() or args.verbose,
+    manifest = build(config, Reporter(progress=mode_for(sys.stderr, args.quiet and not args.verbose),
                                       verbose=args.verbose), cache)
     print(summary(manifest, Path(manifest["bundle_dir"])))
     return 0
@@ -142,12 +185,20 @@ def run_inspect(args: argparse.Namespace) -> int:
     path = bundle / integrity.MANIFEST
     try:
         manifest = json.loads(integrity.read_manifest_bytes(bundle))
+    except FileNotFoundError:
+        raise BuildError(f"{args.bundle} is not a bundle (no {path.name})") from None
+    except integrity.IntegrityError as e:
+        raise BuildError(str(e)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BuildError(f"{args.bundle} is not a bundle: cannot read {path.name} "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    try:
         validate(manifest)
         integrity.check_files(bundle, manifest)
-    except (integrity.IntegrityError, ManifestError) as e:
+    except integrity.IntegrityError as e:
         raise BuildError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise BuildError(f"{args.bundle} is not a bundle: cannot read {path.name} ({e.__class__.__name__})") from None
+    except ManifestError as e:
+        raise BuildError(f"{args.bundle}: {e}") from None
     if args.json:
         print(json.dumps(manifest, indent=1))
         return 0
@@ -171,6 +222,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import exporter  # noqa: F401  (quiets third-party import logs)
     from exporter.build import BuildError
+    from exporter.outputs import Interrupted, OutputError
 
     args = parser().parse_args(argv)
     try:
@@ -179,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             return run_build(args)
         return run_inspect(args)
-    except BuildError as e:
+    except (BuildError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else 2
+        name = e.name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"interrupted ({name}); nothing was written", file=sys.stderr)
+        return 128 + signum

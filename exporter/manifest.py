@@ -20,7 +20,9 @@ def validate(manifest: dict) -> None:
         jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path)
-        raise ManifestError(f"manifest does not match the schema at {where or '(root)'}: {e.message[:200]}") from None
+        # jsonschema quotes the whole offending value, which can be a whole schedule: name the rule instead
+        what = e.message if len(e.message) <= 200 else f"the value breaks the schema's {e.validator!r} rule"
+        raise ManifestError(f"manifest does not match the schema at {where or '(root)'}: {what}") from None
     for name, schedule in manifest["schedules"].items():
         _check_dataflow(manifest, name, schedule)
 

@@ -89,10 +89,16 @@ def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSp
     """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec.
 
     Both formats: as published on the hub (`rope_theta`, `rope_scaling`, `rope_local_base_freq`,
-    `sliding_window_pattern`) and as transformers 5 writes it (`layer_types`, `rope_parameters`)."""
+    `sliding_window_pattern`) and as transformers 5 writes it (`layer_types`, `rope_parameters`).
+    Raises UnsupportedModel (one line) for anything else: not an object, another model_type, a missing
+    field, or a number that is not a positive integer (e.g. zero heads)."""
+    if not isinstance(config, dict):
+        raise UnsupportedModel(f"{name}: config.json is not a JSON object")
     try:
         return ModelSpec(name=name, hf_repo=hf_repo, **spec_fields_from_hf_config(config))
+    except UnsupportedModel:
+        raise
     except KeyError as e:
         raise UnsupportedModel(f"{name}: config.json lacks {e.args[0]!r}") from None
-    except (ValueError, TypeError) as e:
-        raise UnsupportedModel(f"{name}: {e}") from None
+    except (ValueError, TypeError) as e:  # a field of the wrong type, or ModelSpec's own checks
+        raise UnsupportedModel(f"{name}: config.json: {e}") from None

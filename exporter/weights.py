@@ -78,23 +78,41 @@ class CheckpointWeights(WeightSource):
     """A Hugging Face safetensors checkpoint folder, opened lazily with `safe_open`."""
 
     def __init__(self, folder: Path, spec: ModelSpec, description: str):
+        """Map every tensor to its file and check every required name and shape from the files' headers
+        (no tensor data is read), so that a missing shard or tensor, a wrong shape or a corrupt file is
+        found before anything is written."""
         self.folder, self.spec, self.description = Path(folder), spec, description
         self._file_of: dict[str, Path] = {}
         self._sha256: str | None = None
         index = self.folder / "model.safetensors.index.json"
         files = sorted(self.folder.glob("*.safetensors"))
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._file_of = {str(name): self.folder / str(f) for name, f in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise WeightsError(f"{index} is not a safetensors index (a JSON object with a weight_map)") from None
         elif files:
             for f in files:
-                with safe_open(f, framework="pt") as st:
+                with _open(f) as st:
                     self._file_of.update({name: f for name in st.keys()})
         else:
             raise WeightsError(f"{self.folder} has no *.safetensors weights")
         missing = [n for n in self.required_names() if n not in self._file_of]
         if missing:
             raise WeightsError(f"checkpoint {self.folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        by_file: dict[Path, list[str]] = {}
+        for name in self.required_names():
+            by_file.setdefault(self._file_of[name], []).append(name)
+        for path, names in by_file.items():
+            if not path.is_file():
+                raise WeightsError(f"checkpoint {self.folder} lacks the shard {path.name} (named in its index)")
+            with _open(path) as st:
+                present = set(st.keys())
+                for name in names:
+                    if name not in present:
+                        raise WeightsError(f"{path.name} lacks {name}, which the checkpoint's index places there")
+                    self._check(name, st.get_slice(name).get_shape())
 
     def content_sha256(self) -> str:
         """sha256 over the checkpoint's safetensors files that hold the model's tensors: for each file, in
@@ -123,9 +141,9 @@ class CheckpointWeights(WeightSource):
         except KeyError:
             raise WeightsError(f"checkpoint {self.folder} has no tensor {name}") from None
         try:
-            handle = safe_open(path, framework="pt")
+            handle = safe_open(str(path), framework="pt")
         except Exception as e:  # corrupt or unreadable file
-            raise WeightsError(f"cannot read {path}: {e}") from None
+            raise WeightsError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
         return handle.get_slice(name)
 
     def _check(self, name: str, shape: list[int]) -> None:
@@ -134,14 +152,37 @@ class CheckpointWeights(WeightSource):
             raise WeightsError(f"{name} has shape {tuple(shape)} in the checkpoint, the architecture needs {want}")
 
     def tensor(self, name: str) -> torch.Tensor:
-        part = self._slice(name)
-        self._check(name, part.get_shape())
-        return part[:].to(torch.float32)
+        return self.rows(name, None, None)
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
         part = self._slice(name)
         self._check(name, part.get_shape())
-        return part[start:stop].to(torch.float32)
+        try:
+            return part[start:stop].to(torch.float32)
+        except Exception as e:  # safetensors raises its own error type for unreadable data
+            raise WeightsError(f"cannot read {name} from {self._file_of[name]}: {_first_line(e)}") from None
+
+
+class _open:
+    """`safe_open` whose failures (missing, truncated, random bytes) are one-line WeightsErrors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            return self._handle.__enter__()
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+            raise WeightsError(f"cannot read {self.path}: not a valid safetensors file ({_first_line(e)})") from None
+
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no details"
 
 
 class RandomWeights(WeightSource):
@@ -193,9 +234,11 @@ def resolve_checkpoint_folder(source: str) -> tuple[Path, str]:
     try:
         folder = snapshot_download(source, allow_patterns=patterns)
     except Exception as e:  # offline, not cached, no such repo, gated
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _first_line(e)
+        if len(reason) > 160:  # whole words only
+            reason = reason[:160].rsplit(" ", 1)[0] + " …"
         raise WeightsError(
-            f"cannot get weights for {source} from the Hugging Face Hub or its cache ({reason[:160]}); "
+            f"cannot get weights for {source} from the Hugging Face Hub or its cache ({reason}); "
             f"pass --weights PATH to a local checkpoint folder, or --weights random") from None
     return Path(folder), f"hf://{source}"
 
@@ -221,6 +264,8 @@ def _check_config_matches(config: dict, spec: ModelSpec, folder: Path) -> None:
     fields = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
               "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
               "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads}
+    if not isinstance(config, dict):
+        raise WeightsError(f"{folder / 'config.json'} is not a JSON object")
     for key, want in fields.items():
-        if key in config and int(config[key]) != want:
+        if key in config and config[key] != want:
             raise WeightsError(f"checkpoint {folder} has {key}={config[key]}, but {spec.name} needs {want}")

@@ -5,6 +5,7 @@ literally per model); `LoraConfig` holds every training setting. Derived sizes a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, asdict
 
 # LoRA target short names -> the decoder-layer module they adapt (Hugging Face names, every family).
@@ -85,6 +86,14 @@ class ModelSpec:
     checkpoint_prefix: str = "model."  # where the text model's tensors sit in the published checkpoint
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key} must be a positive finite number, got {value!r}")
         from graphs.family import get_family
 
         fam = get_family(self.family)  # raises on an unknown family
@@ -95,6 +104,8 @@ class ModelSpec:
                 raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
                                  f"give head_dim explicitly")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
@@ -205,8 +216,10 @@ class LoraConfig:
             raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(ALL_TARGETS)}")
         if not self.targets:
             raise ValueError("at least one LoRA target is needed")
-        if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a positive finite number, got {self.alpha}")
         if self.seq_len <= 1:
             raise ValueError(f"sequence length must be at least 2, got {self.seq_len}")
         if self.batch <= 0:
@@ -237,6 +250,7 @@ class LoraConfig:
         return spec.num_layers * per_layer
 
     def validate_for(self, spec: ModelSpec) -> None:
+        """Refuse settings this architecture cannot train with (one line, ValueError)."""
         smallest = min(min(spec.linear_shape(t)) for t in self.targets)
         if self.rank > smallest:
             raise ValueError(f"LoRA rank {self.rank} is larger than the smallest adapted dimension ({smallest})")

@@ -24,9 +24,17 @@ NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float
 
 def read_header(path: Path) -> tuple[int, dict]:
     """(data start, header) of a safetensors file: u64 little-endian header length, then the JSON header."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > path.stat().st_size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return 8 + n, header
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"cannot read {path}: not a valid safetensors file ({e})") from None
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
@@ -39,15 +47,19 @@ def read_tensor(path: Path, header: tuple[int, dict], name: str, rows: list[int]
     counted in RSS) while the handle lives; reading exactly the bytes a call needs keeps the measured
     memory equal to what the call holds, as an app reading (or mapping) one layer at a time would."""
     start, meta = header
-    info = meta[name]
-    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    shape = list(info["shape"])
-    offset = start + info["data_offsets"][0]
-    if rows is not None:
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
-        offset += rows[0] * row_items * dtype.itemsize
-        shape[0] = rows[1] - rows[0]
-    return np.fromfile(path, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+    try:
+        info = meta[name]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        shape = list(info["shape"])
+        offset = start + info["data_offsets"][0]
+        if rows is not None:
+            row_items = int(np.prod(shape[1:], dtype=np.int64))
+            offset += rows[0] * row_items * dtype.itemsize
+            shape[0] = rows[1] - rows[0]
+        return np.fromfile(path, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+    except (KeyError, TypeError, IndexError, ValueError, OSError) as e:  # a name, dtype or size the file lacks
+        raise BundleError(f"cannot read {name} from {path}: the file does not hold it as the manifest says "
+                          f"({e.strerror if isinstance(e, OSError) else e})") from None
 
 
 class BundleError(ValueError):

@@ -9,12 +9,15 @@
 4. every `eval_every` steps and at the end, the eval loss through the bundle's `eval_loss` schedule
    (the token-weighted mean over the eval rows); the adapter with the best eval loss is kept;
 5. write loss.csv / loss.png, adapter/ and adapter-best/ (PEFT), optimizer.safetensors and
-   train_state.json into a staging folder, then move them into `out` (nothing half-written).
+   train_state.json into a staging folder, then move them into `out` (nothing half-written). On Ctrl-C
+   (or SIGTERM / SIGHUP) the completed steps are saved the same way and the result says `interrupted`;
+   interrupted before the first step completes, nothing is written.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -22,9 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from exporter.adapter import ADAPTER_CONFIG, read_adapter, write_adapter
+from exporter.progress import progress as progress_bar
 from runtime_harness.data import (ByteCodec, Dataset, eval_batches, batch_rows, hold_out, load_codec,
                                   load_dataset)
 from runtime_harness.runner import BundleError, BundleRunner
@@ -159,15 +161,21 @@ def evaluate(runner: BundleRunner, store: dict, batches: list) -> float:
     return total / counted
 
 
-def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, progress: bool = True) -> dict:
-    """Run `config.steps` training steps (continuing `config.resume` if given); returns a summary."""
+def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, progress: bool | str = True) -> dict:
+    """Run `config.steps` training steps (continuing `config.resume` if given); returns a summary with
+    `interrupted` set when Ctrl-C (or SIGTERM / SIGHUP) stopped it after at least one completed step.
+
+    `progress`: True (a bar), False (nothing), or a mode of `exporter.progress` ("lines" off a terminal)."""
     state = {}
     if config.resume is not None:
         config, state = _resumed_config(config)
     config = replace(config, seed=0 if config.seed is None else config.seed,
                      out=config.out or Path("runs") / f"{Path(config.bundle).name}-train")
-    if config.steps <= 0:
-        raise BundleError(f"--steps must be positive, got {config.steps}")
+    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps <= 0:
+        raise BundleError(f"--steps must be a positive integer, got {config.steps}")
+    if config.lr is not None and not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr)
+                                      and config.lr > 0):
+        raise BundleError(f"--lr must be a positive finite number, got {config.lr}")
     if config.data is None:
         raise BundleError("train needs --data FILE (or --resume RUN_DIR)")
     runner = BundleRunner(config.bundle, config.runtime)
@@ -197,30 +205,43 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
     start = int(state.get("step", 0))
 
     runner.load_all()
-    bar = tqdm(range(start, start + config.steps), desc="train", unit="step", disable=not progress)
-    for step in bar:
-        picked = batch_rows(len(data), m["batch"], config.seed, step)
-        t0 = time.perf_counter()
-        loss, _ = runner.step(store, data.ids[picked], data.labels[picked], lr)
-        seconds = time.perf_counter() - t0
-        eval_loss = None
-        if batches is not None and ((step + 1) % every == 0 or step + 1 == start + config.steps):
-            eval_loss = evaluate(runner, store, batches)
-            if best is None or eval_loss < best["eval_loss"]:
+    mode = progress if isinstance(progress, str) else ("bar" if progress else "off")
+    bar = progress_bar(range(start, start + config.steps), "train", "steps", mode)
+    done, interrupted = 0, False
+    try:
+        for step in bar:
+            picked = batch_rows(len(data), m["batch"], config.seed, step)
+            t0 = time.perf_counter()
+            step_store = dict(store)  # the step replaces tensors, never mutates them: all or nothing
+            loss, _ = runner.step(step_store, data.ids[picked], data.labels[picked], lr)
+            seconds = time.perf_counter() - t0
+            eval_loss = None
+            if batches is not None and ((step + 1) % every == 0 or step + 1 == start + config.steps):
+                eval_loss = evaluate(runner, dict(step_store), batches)
+            store = step_store
+            if eval_loss is not None and (best is None or eval_loss < best["eval_loss"]):
                 best = {"step": step + 1, "eval_loss": eval_loss}
                 best_lora = {k: v.copy() for k, v in lora_tensors(runner, store).items()}
-        rows.append((step + 1, loss, seconds, eval_loss))
-        bar.set_postfix(loss=f"{loss:.4f}", **({} if eval_loss is None else {"eval": f"{eval_loss:.4f}"}))
+            rows.append((step + 1, loss, seconds, eval_loss))
+            done += 1
+            bar.set_postfix(loss=f"{loss:.4f}", **({} if eval_loss is None else {"eval": f"{eval_loss:.4f}"}))
+    except KeyboardInterrupt:
+        if not done:
+            raise
+        interrupted = True
+    finally:
+        bar.close()
 
-    new_state = {"step": start + config.steps, "bundle": str(config.bundle), "lr": lr, "seed": config.seed,
+    new_state = {"step": start + done, "bundle": str(config.bundle), "lr": lr, "seed": config.seed,
                  "format": data.format, "data": str(config.data), "data_sha256": data.sha256,
                  "eval_data": None if config.eval_data is None else str(config.eval_data),
                  "eval_fraction": config.eval_fraction, "eval_every": every if batches is not None else None,
                  "best": best, "rows": rows}
     title = f"{m['model']['name']} / {m['backend']} / {m['optimizer']['name']} lr {lr:g}"
     write_run(runner, store, best_lora, new_state, Path(config.out), title)
-    losses = [r[1] for r in rows[len(rows) - config.steps:]]
-    return {"losses": losses, "step_seconds": [r[2] for r in rows[len(rows) - config.steps:]],
+    losses = [r[1] for r in rows[len(rows) - done:]]
+    return {"losses": losses, "step_seconds": [r[2] for r in rows[len(rows) - done:]], "interrupted": interrupted,
+            "steps_asked": config.steps,
             "adapter": str(Path(config.out) / "adapter"), "lr": lr, "examples": len(data),
             "eval_examples": 0 if evaluation is None else len(evaluation), "format": data.format,
             "truncated": data.truncated + (evaluation.truncated if config.eval_data is not None else 0),

@@ -62,6 +62,12 @@ def check_batch(manifest: dict, input_ids: np.ndarray, labels: np.ndarray) -> No
 
 
 def check_adapter(manifest: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Every LoRA tensor of the bundle, of its shape and finite, and no other tensor."""
+    wanted = {t["init"]["adapter"] for t in manifest["state"] if "adapter" in t["init"]}
+    extra = sorted(set(tensors) - wanted)
+    if extra:
+        raise BundleError(f"the adapter has {len(extra)} tensor(s) the bundle does not train, e.g. {extra[0]} "
+                          f"(LoRA targets {','.join(manifest['lora']['targets'])})")
     for t in manifest["state"]:
         name = t["init"].get("adapter")
         if name is None:
@@ -71,6 +77,31 @@ def check_adapter(manifest: dict, tensors: dict[str, np.ndarray]) -> None:
         if list(tensors[name].shape) != t["shape"]:
             raise BundleError(f"adapter tensor {name} has shape {list(tensors[name].shape)}, the bundle needs "
                               f"{t['shape']} (rank {manifest['lora']['rank']})")
+        if not np.isfinite(tensors[name]).all():
+            raise BundleError(f"adapter tensor {name} holds NaN or infinite values")
+
+
+def check_adapter_config(manifest: dict, config: dict) -> None:
+    """The adapter's PEFT settings must be the bundle's: its scale alpha / r is baked into the graphs, so an
+    adapter with another alpha, rank or targets would run with the bundle's, and its loss would not be its own."""
+    lora = manifest["lora"]
+    if not isinstance(config, dict):
+        raise BundleError("the adapter's adapter_config.json is not a JSON object")
+    from graphs.config import TARGET_MODULES
+
+    modules = sorted(TARGET_MODULES[t].split(".")[-1] for t in lora["targets"])  # PEFT's names, as written
+    theirs = config.get("target_modules")
+    checks = [("r", config.get("r"), lora["rank"], "rank"), ("lora_alpha", config.get("lora_alpha"), lora["alpha"], "alpha")]
+    for key, value, want, what in checks:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or float(value) != float(want):
+            raise BundleError(f"the adapter has {key} = {value}, the bundle was built with LoRA {what} {want:g}; "
+                              f"build a bundle with the adapter's settings")
+    if isinstance(theirs, str) or sorted(theirs or []) != modules:
+        raise BundleError(f"the adapter targets {theirs}, the bundle trains {','.join(modules)}; "
+                          f"build a bundle with the adapter's targets")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise BundleError(f"the adapter sets {key}; per-module ranks and alphas are not supported")
 
 
 def bundle_gradients(runner: BundleRunner, adapter: dict[str, np.ndarray], input_ids: np.ndarray,

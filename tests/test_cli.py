@@ -44,7 +44,7 @@ def test_list_models_prints_the_papers_lora_counts(capsys):
     (["--model", "qwen2.5-0.5b", "--backend", "tflite"], "invalid choice: 'tflite'"),
     (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--lora-rank", "200"],
      "LoRA rank 200 is larger than the smallest adapted dimension (128)"),
-    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--seq-len", "0"],
+    (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--seq-len", "1"],
      "sequence length must be at least 2"),
     (["--model", "qwen2.5-0.5b", "--backend", "ort", "--weights", "random", "--lora-targets", "q,zz"],
      "unknown LoRA target(s) ['zz']"),

@@ -1,0 +1,48 @@
+"""What a phone can hold: settings whose step cannot fit are refused before anything is traced.
+
+`PHONE_MEMORY_BUDGET_BYTES` (8 GiB) is the RAM of the largest current phones (iPhone 15 Pro and later,
+many Android flagships); an app gets less than that, so a call that needs more cannot run on any phone.
+
+`call_lower_bound_bytes` is a lower bound of the bytes one call of the training step holds, computed from
+the shapes alone (float32, before lowering; the manifest's planned figures come later and are larger):
+
+    store   = (L + 1) B S H          layer inputs kept for the backward (x_0..x_L, dy)
+            + n_lora (2 + n_state)   LoRA parameters, their gradients, optimizer state
+    layer   = weights of one layer
+            + mesp: B (nh / nkv) S^2 (scores of one kv group) + B S ceil(I / blocks) (one MLP block)
+              mebp: B nh S^2 + B S I (autograd holds the whole layer's activations)
+    head    = rows H (one vocabulary chunk of E) + B S rows (its logits)
+
+    bound   = 4 bytes x (store + max(layer, head))
+"""
+from __future__ import annotations
+
+import math
+
+PHONE_MEMORY_BUDGET_BYTES = 8 * 2**30
+_FLOAT = 4
+_OPTIMIZER_STATE = {"sgd": 0, "adamw": 2}
+
+
+def call_lower_bound_bytes(shapes) -> int:
+    """A lower bound of the peak bytes of one call of `shapes`' training step (see the module docstring)."""
+    spec, lora = shapes.spec, shapes.lora
+    B, S, H, I = lora.batch, lora.seq_len, spec.hidden_size, spec.intermediate_size
+    n_lora = lora.trainable_parameters(spec)
+    store = (spec.num_layers + 1) * B * S * H + n_lora * (2 + _OPTIMIZER_STATE.get(shapes.optimizer, 2))
+    weights = sum(math.prod(s) for s in spec.layer_weight_shapes().values())
+    if shapes.method == "mebp":
+        activations = B * spec.num_heads * S * S + B * S * I
+    else:
+        activations = B * (spec.num_heads // spec.num_kv_heads) * S * S + B * S * math.ceil(I / shapes.mlp_blocks)
+    head = shapes.chunk_rows * H + B * S * shapes.chunk_rows
+    return _FLOAT * (store + max(weights + activations, head))
+
+
+def check_fits(shapes) -> None:
+    """Raise ValueError (one line) when one call cannot fit in a phone's memory."""
+    need = call_lower_bound_bytes(shapes)
+    if need > PHONE_MEMORY_BUDGET_BYTES:
+        raise ValueError(f"one call of this training step needs at least {need / 2**30:.1f} GiB, more than a phone "
+                         f"has ({PHONE_MEMORY_BUDGET_BYTES / 2**30:.0f} GiB); lower --seq-len"
+                         f"{' or use --method mesp' if shapes.method == 'mebp' else ''}")
