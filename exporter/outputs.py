@@ -155,7 +155,11 @@ def removed_on_failure(folder: Path):
 def staging_dir(out: Path) -> Path:
     """A new staging folder beside `out`, named for this process: `.<name>.staging-<pid>-<random>`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the published bundle is an ordinary folder
+    return path
 
 
 def aside_name(out: Path) -> Path:

@@ -100,3 +100,16 @@ def test_a_bundle_moved_aside_by_a_killed_build_is_put_back(existing):
     existing.rename(aside)
     assert remove_stale(existing) == [aside]
     assert _tree(existing) == before and not aside.exists()
+
+
+def test_a_published_bundle_has_ordinary_permissions(existing):
+    """The staging folder comes from mkdtemp (private, 0700); the published bundle follows the umask."""
+    from exporter.outputs import staging_dir
+
+    umask = os.umask(0o022)
+    try:
+        stage = staging_dir(existing.parent / "new")
+    finally:
+        os.umask(umask)
+    assert stage.stat().st_mode & 0o777 == 0o755
+    shutil.rmtree(stage)
