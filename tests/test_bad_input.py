@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.build import Reporter, build, sha256_file
+from exporter.build import Reporter, build
+from exporter.integrity import resign as resign_bundle, write_manifest
 from exporter.cache import ArtifactCache
 from exporter.cli import main as exporter_main
 from exporter.config import BuildConfig
@@ -187,10 +188,7 @@ def _damaged_bundle(command: str, mutate: Callable[[Path], None], resign: bool =
         bundle = ctx.copy_bundle()
         mutate(bundle)
         if resign:  # the manifest re-signed, so that only the file's content can give it away
-            manifest = json.loads((bundle / "manifest.json").read_text())
-            for rel, info in manifest["files"].items():
-                info.update(bytes=(bundle / rel).stat().st_size, sha256=sha256_file(bundle / rel))
-            (bundle / "manifest.json").write_text(json.dumps(manifest))
+            resign_bundle(bundle, json.loads((bundle / "manifest.json").read_text()))
         tail = {"train": ["--data", str(ctx.text()), "--steps", "1", "--out", str(ctx.tmp / "run")],
                 "verify": [], "inspect": []}[command]
         main = exporter_main if command == "inspect" else harness_main
@@ -202,7 +200,7 @@ def _manifest_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     def mutate(bundle: Path):
         m = json.loads((bundle / "manifest.json").read_text())
         edit(m)
-        (bundle / "manifest.json").write_text(json.dumps(m))
+        write_manifest(bundle, m)  # re-signed: what is checked is the content, not the checksum
     return mutate
 
 

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from exporter.build import Reporter, build
 from exporter.cache import ArtifactCache
 from exporter.config import BuildConfig
+from exporter.integrity import write_manifest
 from graphs.config import LoraConfig
 from runtime_harness import reference
 from runtime_harness.cli import main as harness_main
@@ -164,7 +165,7 @@ def test_messages_need_the_checkpoints_chat_template(chat_bundle, tmp_path, caps
     (bundle / "tokenizer" / "chat_template.jinja").unlink()
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["files"]["tokenizer/chat_template.jinja"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     data = write_jsonl(tmp_path / "c.jsonl", [CHAT_OK])
     assert harness_main(["train", str(bundle), "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
