@@ -47,8 +47,12 @@ def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, dy: Tensor) -> Tens
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (S, D): angle[t, i] = t / theta^(2(i mod D/2)/D), as Hugging Face computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    """cos, sin of shape (S, D): angle[t, i] = t / theta^(2(i mod D/2)/D), as Hugging Face computes them.
+
+    `ones / p`, not `1.0 / p`: the same float32 division (bit-identical inv_freq), but a division for every
+    converter, where `1.0 / p` is `reciprocal`, which coremltools lowers to `inverse(p, epsilon=1e-4)`."""
+    p = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim)  # (D/2,)
+    inv_freq = torch.ones_like(p) / p
     positions = torch.arange(seq_len, dtype=torch.int64).to(torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]  # (S, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIMES = ("ort", "executorch", "coreml")
+# coreml: the Core ML framework on macOS, the NumPy MIL interpreter elsewhere; mil: the interpreter anywhere
+RUNTIMES = ("ort", "executorch", "coreml", "mil")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,14 +96,15 @@ def run_verify(args) -> int:
     manifest = load_manifest(args.bundle)
     adapter = _read_adapter(args.adapter, args.bundle) if args.adapter else None
     report_path = args.report or args.bundle.parent / f"{args.bundle.name}-verify" / "report.json"
-    if manifest["backend"] == "coreml" and sys.platform != "darwin":
+    report = V.verify(args.bundle, args.runtime, adapter, args.seed)
+    print(V.format_report(report, limit=None if len(report["tensors"]) <= 40 else 20))
+    if manifest["backend"] == "coreml":  # and the packages' structure (signatures, weights stored once)
         from runtime_harness.coreml_check import verify_coreml_offline
 
-        report = verify_coreml_offline(args.bundle, manifest)
-        print("\n".join(report["lines"]))
-    else:
-        report = V.verify(args.bundle, args.runtime, adapter, args.seed)
-        print(V.format_report(report, limit=None if len(report["tensors"]) <= 40 else 20))
+        structure = verify_coreml_offline(args.bundle, manifest)
+        print("\n".join(structure["lines"]))
+        report["structure"] = structure
+        report["ok"] = report["ok"] and structure["ok"]
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     print(f"report: {report_path}")
@@ -122,11 +124,12 @@ def run_grads(args) -> int:
     V.check_batch(manifest, ids, labels)
     adapter = _read_adapter(args.adapter, args.bundle)
     V.check_adapter(manifest, adapter)
-    loss, grads = V.bundle_gradients(BundleRunner(args.bundle, args.runtime), adapter, ids, labels)
+    runner = BundleRunner(args.bundle, args.runtime)
+    loss, grads = V.bundle_gradients(runner, adapter, ids, labels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in grads.items()}, str(args.out),
               metadata={"loss": repr(loss), "bundle": str(args.bundle)})
-    print(f"loss {loss:.6f}; {len(grads)} LoRA gradients -> {args.out}")
+    print(f"loss {loss:.6f}; {len(grads)} LoRA gradients -> {args.out} (runtime: {runner.backend.runtime or runner.backend.name})")
     return 0
 
 

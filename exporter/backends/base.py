@@ -43,6 +43,8 @@ GraphFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 class Backend:
     name: str = ""
+    #: which runtime `load` uses, in words (reports say which one ran)
+    runtime: str = ""
     #: True: a layer's frozen weights are baked into a per-layer program (forward and backward
     #: share them); False: one program serves every layer and weights are inputs read from
     #: `weights/layer_XX.safetensors`.

@@ -14,8 +14,9 @@ of a Qwen2.5-0.5B layer's 59.6 MB (the rest: the causal mask, rotary positions, 
 are inputs (constants cannot be updated). Core ML has no int64 tensors: token ids, labels and offsets
 are int32 inputs, and the manifest says so.
 
-Conversion runs on Linux (`skip_model_load=True`); prediction needs macOS. `describe_package` reads a
-package's functions and signatures from its protobuf, which `runtime_harness` checks off macOS.
+Conversion runs on any OS (`skip_model_load=True`). `load` runs a function with the Core ML framework on
+macOS and with the NumPy MIL interpreter (`mil_runtime`) elsewhere; `MIL_RUNTIME` forces the interpreter
+(`--runtime mil`). `describe_package` reads a package's functions and signatures from its protobuf.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.backends import coreml_exact
 from exporter.backends.base import Backend, GraphFn, LoweredGraph, RuntimeUnavailable
 from exporter.graph_defs import GraphDef
 
@@ -43,6 +45,7 @@ def _pass_pipeline():
 
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(["common::const_elimination"])
+    coreml_exact.add_to(pipeline)  # epsilons the converter adds -> 0 (see coreml_exact)
     return pipeline
 
 
@@ -156,6 +159,7 @@ def convert(graph: GraphDef, path: Path) -> None:
     model = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                        compute_precision=ct.precision.FLOAT32, inputs=inputs, outputs=outputs,
                        skip_model_load=True, pass_pipeline=_pass_pipeline())
+    coreml_exact.check_exact(model._mil_program, label=f"{graph.kind} ")  # refuses, naming the op
     model.save(str(path))
 
 
@@ -185,23 +189,40 @@ class CoreMLBackend(Backend):
         return [LoweredGraph(f"{program}.{g.kind}", rel, g.kind, coreml_inputs(g), g.signature()["outputs"])
                 for g in graphs]
 
-    def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
-        if sys.platform != "darwin":
-            raise RuntimeUnavailable("Core ML prediction needs macOS; on this machine `verify` checks the packages' "
-                                     "functions, signatures, shared weights and checksums instead")
-        import coremltools as ct
+    def __init__(self, interpreter: bool | None = None):
+        #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
+        #: the interpreter elsewhere.
+        self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
 
-        # CPU only: float32 throughout (the Neural Engine computes in float16), for replaying gradients.
-        model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"],
-                                  compute_units=ct.ComputeUnit.CPU_ONLY)
+    @property
+    def runtime(self) -> str:
+        return ("mil: NumPy MIL interpreter (exporter/backends/mil_runtime.py)" if self.interpreter
+                else "coreml: Core ML framework, CPU only")
+
+    def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
         inputs, outputs = graph["inputs"], graph["outputs"]
+        if self.interpreter:
+            from exporter.backends.mil_runtime import load_function
+
+            fn = load_function(Path(bundle_dir) / graph["file"], graph["method"])
+            predict = fn
+        else:
+            if sys.platform != "darwin":
+                raise RuntimeUnavailable("the Core ML framework runs on macOS only; use --runtime mil (the NumPy "
+                                         "MIL interpreter) here")
+            import coremltools as ct
+
+            # CPU only: float32 throughout (the Neural Engine computes in float16), for replaying gradients.
+            model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"],
+                                      compute_units=ct.ComputeUnit.CPU_ONLY)
+            predict = model.predict
 
         def run(args: list[np.ndarray]) -> list[np.ndarray]:
             if len(args) != len(inputs):
                 raise ValueError(f"{graph['method']} takes {len(inputs)} inputs, got {len(args)}")
             feed = {t["name"]: np.ascontiguousarray(np.asarray(a), dtype=t["dtype"]).reshape(t["shape"])
                     for t, a in zip(inputs, args)}
-            result = model.predict(feed)
+            result = predict(feed)
             return [np.asarray(result[t["name"]], dtype=t["dtype"]).reshape(t["shape"]) for t in outputs]
 
         return run
@@ -232,4 +253,5 @@ def describe_package(path: Path) -> dict:
             "weight_bin_bytes": weights.stat().st_size if weights.exists() else 0}
 
 
-BACKEND = CoreMLBackend()
+BACKEND = CoreMLBackend()  # the framework on macOS, the interpreter elsewhere
+MIL_RUNTIME = CoreMLBackend(interpreter=True)  # `--runtime mil`: the interpreter on any OS
