@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shutil
 import sys
 import tempfile
+import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ from exporter.backends.base import Backend, GraphFn, LoweredGraph, RuntimeUnavai
 from exporter.graph_defs import GraphDef
 
 WEIGHTS_BIN = "Data/com.apple.CoreML/weights/weight.bin"
+MANIFEST = "Manifest.json"
 _COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16"}
 # Core ML ArrayFeatureType.ArrayDataType values
 _ARRAY_DTYPES = {65568: "float32", 131104: "int32", 65552: "float16", 65600: "float64", 131080: "int8"}
@@ -189,7 +193,18 @@ class CoreMLBackend(Backend):
         return [LoweredGraph(f"{program}.{g.kind}", rel, g.kind, coreml_inputs(g), g.signature()["outputs"])
                 for g in graphs]
 
+    def lower_baked(self, program: str, make, weights: dict, out_dir: Path) -> list[LoweredGraph]:
+        """A layer program: converted once per `make` (see `LayerTemplate`), then each layer's package is the
+        template's with that layer's weight bytes; where the template cannot prove that, converted directly."""
+        if self._template is None or self._template[0] is not make:
+            self._template = (make, LayerTemplate.create(self, make, weights))
+        template = self._template[1]
+        if template is None:
+            return self.lower(program, make(weights), out_dir)
+        return template.write(program, weights, out_dir)
+
     def __init__(self, interpreter: bool | None = None):
+        self._template: tuple | None = None
         #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
         #: the interpreter elsewhere.
         self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
@@ -226,6 +241,94 @@ class CoreMLBackend(Backend):
             return [np.asarray(result[t["name"]], dtype=t["dtype"]).reshape(t["shape"]) for t in outputs]
 
         return run
+
+
+def _sentinels(weights: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors shaped and typed like `weights`: distinct values, findable byte for byte."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype) for k, v in weights.items()}
+
+
+def _blob_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def _manifest_items(package: Path) -> list:
+    """Package Manifest.json entries without their random identifiers."""
+    return sorted(json.dumps(v, sort_keys=True) for v in json.loads((package / MANIFEST).read_text())["itemInfoEntries"].values())
+
+
+class LayerTemplate:
+    """A layer program converted once, whose packages are then written per layer by swapping weight bytes.
+
+    The program is converted twice, with two sets of random sentinel weights A and B. The swap is used only
+    when the conversion provably copies each weight into `weight.bin` unchanged: both packages have the
+    same `model.mlmodel` and `Manifest.json` byte for byte, every weight's A bytes occur in A's
+    `weight.bin` (each occurrence a region), B's `weight.bin` holds B's bytes in exactly those regions, and
+    the two files are equal everywhere else. A layer's package is then A's with that layer's bytes in the
+    regions: what converting it directly writes (the conversion cannot depend on the weights' values)."""
+
+    def __init__(self, graphs: list[LoweredGraph], package: Path, regions: dict[str, list[int]], shapes: dict,
+                 tmp: str):
+        self.graphs, self.package, self.regions, self.shapes = graphs, package, regions, shapes
+        self.weight_bin = (package / WEIGHTS_BIN).read_bytes()
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+
+    @classmethod
+    def create(cls, backend: "CoreMLBackend", make, weights: dict) -> "LayerTemplate | None":
+        tmp = tempfile.mkdtemp(prefix="coreml-template-")
+        a, b = _sentinels(weights, 1), _sentinels(weights, 2)
+        lowered = backend.lower("template", make(a), Path(tmp) / "a")
+        backend.lower("template", make(b), Path(tmp) / "b")
+        pa, pb = Path(tmp) / "a/graphs/template.mlpackage", Path(tmp) / "b/graphs/template.mlpackage"
+        files = sorted(p.relative_to(pa).as_posix() for p in pa.rglob("*") if p.is_file())
+        if files != sorted(p.relative_to(pb).as_posix() for p in pb.rglob("*") if p.is_file()) \
+                or any((pa / f).read_bytes() != (pb / f).read_bytes() for f in files if f not in (WEIGHTS_BIN, MANIFEST)) \
+                or _manifest_items(pa) != _manifest_items(pb):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        bin_a, bin_b = (pa / WEIGHTS_BIN).read_bytes(), (pb / WEIGHTS_BIN).read_bytes()
+        covered = np.zeros(len(bin_a), dtype=bool)
+        regions: dict[str, list[int]] = {}
+        for name in weights:
+            blob_a, blob_b = _blob_bytes(a[name]), _blob_bytes(b[name])
+            at = bin_a.find(blob_a)
+            while at >= 0:
+                if bin_b[at:at + len(blob_b)] != blob_b:
+                    break
+                regions.setdefault(name, []).append(at)
+                covered[at:at + len(blob_a)] = True
+                at = bin_a.find(blob_a, at + len(blob_a))
+            if at >= 0 or name not in regions:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+        diff = np.frombuffer(bin_a, np.uint8) != np.frombuffer(bin_b, np.uint8) if len(bin_a) == len(bin_b) else None
+        if diff is None or (diff & ~covered).any():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        return cls(lowered, pa, regions, {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}, tmp)
+
+    def write(self, program: str, weights: dict, out_dir: Path) -> list[LoweredGraph]:
+        rel = f"graphs/{program}.mlpackage"
+        target = Path(out_dir) / rel
+        got = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+        if got != self.shapes:
+            raise ValueError(f"{program}: the weights' names, shapes or dtypes differ from the template's")
+        data = bytearray(self.weight_bin)
+        for name, offsets in self.regions.items():
+            blob = _blob_bytes(weights[name])
+            for at in offsets:
+                data[at:at + len(blob)] = blob
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(self.package, target, ignore=lambda d, names: [n for n in names if n == "weight.bin"])
+        (target / WEIGHTS_BIN).write_bytes(bytes(data))
+        manifest = (self.package / MANIFEST).read_text()  # fresh item identifiers, as a conversion writes
+        for item in json.loads(manifest)["itemInfoEntries"]:
+            manifest = manifest.replace(item, str(uuid.uuid4()).upper() if item.isupper() else str(uuid.uuid4()))
+        (target / MANIFEST).write_text(manifest)
+        return [LoweredGraph(g.id.replace("template.", f"{program}.", 1), rel, g.method, g.inputs, g.outputs)
+                for g in self.graphs]
 
 
 def describe_package(path: Path) -> dict:
