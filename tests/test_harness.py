@@ -1,5 +1,6 @@
-"""The runtime harness on real runtimes (ExecuTorch, ONNX Runtime): verify, grads, train, memory, and a
-corrupted backward graph that verify must catch. One tiny bundle per runtime, built once per session."""
+"""The runtime harness on real runtimes (ExecuTorch, ONNX Runtime, Core ML: the framework on macOS, the NumPy
+MIL interpreter elsewhere): verify, grads, train, memory, and a corrupted backward graph that verify must
+catch. One tiny bundle per runtime, built once per session."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from runtime_harness import reference
 from runtime_harness.cli import main as harness_main
 from runtime_harness.verify import compare, nonzero_adapter, seeded_batch, verify
 
-RUNTIMES = ["executorch", "ort"]
+RUNTIMES = ["executorch", "ort", "coreml"]
 
 
 @pytest.fixture(scope="session", params=RUNTIMES)
@@ -60,9 +61,15 @@ def test_verify_catches_a_corrupted_backward_graph(tiny_bundle, tmp_path, monkey
     from exporter.graph_defs import StepShapes, layer_backward_graph, layer_forward_graph
     from graphs.config import ModelSpec
 
-    shapes = StepShapes(ModelSpec(**manifest["model"]["architecture"]), LoraConfig(rank=4, seq_len=16),
-                        vocab_chunk_rows=128)
-    get_backend(manifest["backend"]).lower("layer", [layer_forward_graph(shapes), layer_backward_graph(shapes)], bundle)
+    spec = ModelSpec(**manifest["model"]["architecture"])
+    shapes = StepShapes(spec, LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128)
+    backend = get_backend(manifest["backend"])
+    if backend.weights_in_graphs:  # Core ML: layer 1's own package, with its weights baked in
+        layer = reference.base_model(bundle, manifest).model.layers[1].state_dict()
+        weights = {n: layer[n].float() for n in spec.layer_weight_shapes()}
+        backend.lower("layer_01", [layer_forward_graph(shapes, weights), layer_backward_graph(shapes, weights)], bundle)
+    else:
+        backend.lower("layer", [layer_forward_graph(shapes), layer_backward_graph(shapes)], bundle)
     for rel, info in manifest["files"].items():  # re-sign, so that only the math can give it away
         info.update(bytes=(bundle / rel).stat().st_size, sha256=sha256_file(bundle / rel))
     (bundle / "manifest.json").write_text(json.dumps(manifest))

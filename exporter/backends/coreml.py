@@ -323,10 +323,13 @@ class LayerTemplate:
             shutil.rmtree(target)
         shutil.copytree(self.package, target, ignore=lambda d, names: [n for n in names if n == "weight.bin"])
         (target / WEIGHTS_BIN).write_bytes(bytes(data))
-        manifest = (self.package / MANIFEST).read_text()  # fresh item identifiers, as a conversion writes
-        for item in json.loads(manifest)["itemInfoEntries"]:
-            manifest = manifest.replace(item, str(uuid.uuid4()).upper() if item.isupper() else str(uuid.uuid4()))
-        (target / MANIFEST).write_text(manifest)
+        # fresh item identifiers, as a conversion writes; keys sorted as Core ML's ModelPackage writes them
+        # (it rewrites a Manifest.json whose keys are not, which would change the bundle's checksums)
+        manifest = json.loads((self.package / MANIFEST).read_text())
+        ids = {item: str(uuid.uuid4()) for item in manifest["itemInfoEntries"]}
+        manifest["itemInfoEntries"] = {ids[k]: v for k, v in manifest["itemInfoEntries"].items()}
+        manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
         return [LoweredGraph(g.id.replace("template.", f"{program}.", 1), rel, g.method, g.inputs, g.outputs)
                 for g in self.graphs]
 
