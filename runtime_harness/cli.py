@@ -149,6 +149,7 @@ def run_train(args) -> int:
     print(f"{len(losses)} steps over {result['windows']} windows, lr {result['lr']:g}: loss {losses[0]:.4f} -> "
           f"{losses[-1]:.4f}; median step {sorted(result['step_seconds'])[len(losses) // 2]:.3f}s")
     print(f"loss curve: {out / 'loss.csv'}, {out / 'loss.png'}; adapter (PEFT): {result['adapter']}")
+    print(f"runtime: {result['runtime']}")
     return 0
 
 
@@ -174,6 +175,7 @@ def run_memory(args) -> int:
     print(f"peak planned {_mb(report['peak_planned_bytes'])} MB ({report['peak_planned_call']}); "
           f"peak measured {_mb(report['peak_measured_bytes'])} MB; step {report['step_seconds']:.2f}s")
     print(f"timeline: {out / 'memory.png'}; figures: {out / 'memory.json'}")
+    print(f"runtime: {report['runtime']}")
     return 0
 
 

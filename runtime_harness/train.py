@@ -114,4 +114,4 @@ def train(bundle: Path, text: str, steps: int, out: Path, lr: float | None = Non
                 f"{m['model']['name']} / {m['backend']} / {m['optimizer']['name']} lr {lr:g}")
     folder = save_adapter(runner, store, out)
     return {"losses": losses, "step_seconds": seconds, "adapter": str(folder), "lr": lr,
-            "windows": int(len(data)), "out": str(out)}
+            "windows": int(len(data)), "out": str(out), "runtime": runner.backend.runtime or runner.backend.name}

@@ -171,3 +171,12 @@ def test_bad_batch_and_adapter_exit_2(tiny_bundle, tmp_path, capsys):
                          str(tmp_path / "rank8"), "--out", str(tmp_path / "g.safetensors")]) == 2
     assert "rank 4" in capsys.readouterr().err
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_runtime_that_cannot_run_the_bundle_is_one_line_exit_2(tiny_bundle, tmp_path, capsys):
+    """`--runtime mil` runs Core ML bundles only; a Core ML bundle runs on coreml or mil only."""
+    backend = json.loads((tiny_bundle / "manifest.json").read_text())["backend"]
+    other = "ort" if backend == "coreml" else "mil"
+    assert harness_main(["verify", str(tiny_bundle), "--runtime", other, "--report", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a {backend} bundle; it cannot run on {other}" in err[0]
