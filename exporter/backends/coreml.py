@@ -193,6 +193,12 @@ class CoreMLBackend(Backend):
         return [LoweredGraph(f"{program}.{g.kind}", rel, g.kind, coreml_inputs(g), g.signature()["outputs"])
                 for g in graphs]
 
+    def __init__(self, interpreter: bool | None = None):
+        self._template: tuple | None = None
+        #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
+        #: the interpreter elsewhere.
+        self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
+
     def lower_baked(self, program: str, make, weights: dict, out_dir: Path) -> list[LoweredGraph]:
         """A layer program: converted once per `make` (see `LayerTemplate`), then each layer's package is the
         template's with that layer's weight bytes; where the template cannot prove that, converted directly."""
@@ -202,12 +208,6 @@ class CoreMLBackend(Backend):
         if template is None:
             return self.lower(program, make(weights), out_dir)
         return template.write(program, weights, out_dir)
-
-    def __init__(self, interpreter: bool | None = None):
-        self._template: tuple | None = None
-        #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
-        #: the interpreter elsewhere.
-        self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
 
     @property
     def runtime(self) -> str:
@@ -263,7 +263,8 @@ class LayerTemplate:
 
     The program is converted twice, with two sets of random sentinel weights A and B. The swap is used only
     when the conversion provably copies each weight into `weight.bin` unchanged: both packages have the
-    same `model.mlmodel` and `Manifest.json` byte for byte, every weight's A bytes occur in A's
+    same `model.mlmodel` byte for byte (and `Manifest.json` but for its random item identifiers), every
+    weight's A bytes occur in A's
     `weight.bin` (each occurrence a region), B's `weight.bin` holds B's bytes in exactly those regions, and
     the two files are equal everywhere else. A layer's package is then A's with that layer's bytes in the
     regions: what converting it directly writes (the conversion cannot depend on the weights' values)."""
