@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from exporter.backends import get_runtime
+from exporter.backends import get_backend, get_runtime
 from exporter.backends.base import GraphFn
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
@@ -99,11 +99,14 @@ class BundleRunner:
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle)
         backend = self.manifest["backend"]
-        try:
-            self.backend = get_runtime(runtime, backend)
-        except KeyError:
-            raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
-                              f"(build it with --backend {runtime})") from None
+        if runtime is None or runtime == backend:
+            self.backend = get_backend(backend)
+        else:
+            try:
+                self.backend = get_runtime(runtime, backend)
+            except KeyError:
+                raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
+                                  f"(build it with --backend {runtime})") from None
         self._fns: dict[str, GraphFn] = {}
 
     # -- graphs
