@@ -12,6 +12,10 @@
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
 import shutil
 import sys
 import time
@@ -135,12 +139,19 @@ def _programs(r: Resolved, backend) -> dict:
     programs: dict[str, list] = {"embed": [gd.embed_chunk_graph(s)]}
     if backend.weights_in_graphs:
         for i in range(s.spec.num_layers):
-            programs[sched.layer_program(i, True)] = lambda i=i: _layer_graphs(s, r.weights.layer(i))
+            programs[sched.layer_program(i, True)] = _BakedLayer(i)
     else:
         programs["layer"] = [gd.layer_forward_graph(s), gd.layer_backward_graph(s)]
     programs["head"] = [gd.head_chunk_graph(s), gd.head_finish_graph(s)]
     programs["optimizer"] = [gd.optimizer_graph(s)]
     return programs
+
+
+@dataclass(frozen=True)
+class _BakedLayer:
+    """A layer program with its frozen weights baked in: lowered by `Backend.lower_baked`."""
+
+    index: int
 
 
 def _layer_graphs(shapes: gd.StepShapes, weights: dict[str, torch.Tensor]) -> list[gd.GraphDef]:
@@ -178,6 +189,7 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
 
 def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> dict[str, dict]:
     programs = _programs(r, backend)
+    layer_graphs = functools.partial(_layer_graphs, r.shapes)  # one object per build: backends reuse work by it
     graphs: dict[str, dict] = {}
     (stage / "graphs").mkdir(parents=True, exist_ok=True)
     code = code_digest(backend)
@@ -191,12 +203,18 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
                          "weights": r.weights.identity() if baked_layer else None, "code": code})
         lowered = cache.fetch_program(key, stage)
         if lowered is None:
-            defs = make() if callable(make) else make
             t0 = time.time()
-            lowered = [g.to_dict() | {"id": g.id} for g in backend.lower(program, defs, stage)]
-            for g, d in zip(lowered, defs):
-                g["constant_bytes"] = sum(t.numel() * t.element_size() for t in d.constants.values())
-            say.detail(f"lowered {program} ({', '.join(d.kind for d in defs)}) in {time.time() - t0:.1f}s")
+            if isinstance(make, _BakedLayer):
+                weights = r.weights.layer(make.index)
+                lowered = [g.to_dict() | {"id": g.id} for g in backend.lower_baked(program, layer_graphs, weights, stage)]
+                for g in lowered:
+                    g["constant_bytes"] = sum(t.numel() * t.element_size() for t in weights.values())
+            else:
+                lowered = [g.to_dict() | {"id": g.id} for g in backend.lower(program, make, stage)]
+                for g, d in zip(lowered, make):
+                    g["constant_bytes"] = sum(t.numel() * t.element_size() for t in d.constants.values())
+            say.detail(f"lowered {program} ({', '.join(g['method'] or g['id'] for g in lowered)}) "
+                       f"in {time.time() - t0:.1f}s")
             cache.store_program(key, stage, lowered)
         for g in lowered:
             graphs[g.pop("id")] = g

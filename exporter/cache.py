@@ -34,7 +34,7 @@ def _versions() -> dict:
 
 
 def code_digest(backend) -> str:
-    """sha256 over the source of graphs/, the graph definitions and the backend module."""
+    """sha256 over the source of graphs/, the graph definitions, the backend module and its sibling modules."""
     import graphs
     from exporter import graph_defs
 
@@ -44,6 +44,8 @@ def code_digest(backend) -> str:
     h.update(Path(graph_defs.__file__).read_bytes())
     h.update(inspect.getsource(type(backend)).encode())
     h.update(Path(inspect.getfile(type(backend))).read_bytes())
+    for path in sorted(Path(inspect.getfile(type(backend))).parent.glob("*.py")):  # helpers (coreml_exact, ...)
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

@@ -11,7 +11,8 @@ import numpy as np
 from exporter.cli import count, positive_float, positive_int
 from exporter.outputs import file_target, removed_on_failure, run_dir
 
-RUNTIMES = ("ort", "executorch", "coreml")
+# coreml: the Core ML framework on macOS, the NumPy MIL interpreter elsewhere; mil: the interpreter anywhere
+RUNTIMES = ("ort", "executorch", "coreml", "mil")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,14 +150,15 @@ def run_verify(args) -> int:
     adapter = _read_adapter(args.adapter, args.bundle, manifest) if args.adapter else None
     report_path = file_target(args.report or args.bundle.parent / f"{args.bundle.name}-verify" / "report.json",
                               "--report")
-    if manifest["backend"] == "coreml" and sys.platform != "darwin":
+    report = V.verify(args.bundle, args.runtime, adapter, args.seed)
+    text = V.format_report(report, limit=None if len(report["tensors"]) <= 40 else 20)
+    if manifest["backend"] == "coreml":  # and the packages' structure (signatures, weights stored once)
         from runtime_harness.coreml_check import verify_coreml_offline
 
-        report = verify_coreml_offline(args.bundle, manifest)
-        text = "\n".join(report["lines"])
-    else:
-        report = V.verify(args.bundle, args.runtime, adapter, args.seed)
-        text = V.format_report(report, limit=None if len(report["tensors"]) <= 40 else 20)
+        structure = verify_coreml_offline(args.bundle, manifest)
+        text += "\n" + "\n".join(structure["lines"])
+        report["structure"] = structure
+        report["ok"] = report["ok"] and structure["ok"]
     _write(report_path, json.dumps(report, indent=1, allow_nan=False), "--report")  # before the verdict
     print(text)
     print(f"report: {report_path}")
@@ -189,7 +191,8 @@ def run_grads(args) -> int:
     out = file_target(args.out)
     if args.bundle.resolve() in out.resolve().parents:
         raise BundleError(f"--out {args.out} is inside the bundle; grads never write into a bundle")
-    loss, grads = V.bundle_gradients(BundleRunner(args.bundle, args.runtime), adapter, ids, labels)
+    runner = BundleRunner(args.bundle, args.runtime)
+    loss, grads = V.bundle_gradients(runner, adapter, ids, labels)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in grads.items()}, str(out),
@@ -197,7 +200,8 @@ def run_grads(args) -> int:
     except (OSError, SafetensorError) as e:
         out.unlink(missing_ok=True)
         raise BundleError(f"cannot write --out {args.out}: {getattr(e, 'strerror', None) or e}") from None
-    print(f"loss {loss:.6f}; {len(grads)} LoRA gradients -> {args.out}")
+    print(f"loss {loss:.6f}; {len(grads)} LoRA gradients -> {args.out} "
+          f"(runtime: {runner.backend.runtime or runner.backend.name})")
     return 0
 
 
@@ -229,6 +233,7 @@ def run_train(args) -> int:
           + (f"; best eval loss {r['best']['eval_loss']:.4f} at step {r['best']['step']}" if r["best"] else ""))
     print(f"loss curves: {out / 'loss.csv'}, {out / 'loss.png'}; adapter (PEFT): {r['adapter']}"
           + (f", best: {out / 'adapter-best'}" if r["best"] else "") + f"; resume with --resume {out}")
+    print(f"runtime: {r['runtime']}")
     return 0
 
 
@@ -254,6 +259,7 @@ def run_memory(args) -> int:
     print(f"peak planned {_mb(report['peak_planned_bytes'])} MB ({report['peak_planned_call']}); "
           f"peak measured {_mb(report['peak_measured_bytes'])} MB; step {report['step_seconds']:.2f}s")
     print(f"timeline: {out / 'memory.png'}; figures: {out / 'memory.json'}")
+    print(f"runtime: {report['runtime']}")
     return 0
 
 

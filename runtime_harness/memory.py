@@ -80,6 +80,7 @@ def probe(bundle: Path, runtime: str | None, schedule: str, seed: int) -> dict:
     _reset_peak()
     loss, trace = runner.step(store, ids, labels, lr=0.0, schedule=schedule, on_call=after)
     return {"baseline_rss_bytes": baseline, "loss": loss, "step_seconds": trace.seconds, "calls": per_call,
+            "runtime": runner.backend.runtime or runner.backend.name,
             "peak_measured_bytes": max(c["measured_bytes"] for c in per_call)}
 
 
@@ -104,7 +105,7 @@ def measure(bundle: Path, runtime: str | None = None, schedule: str = "train_ste
         "seq_len": manifest["seq_len"], "calls": calls,
         "peak_planned_bytes": peak_call["planned_bytes"], "peak_planned_call": peak_call["graph"],
         "peak_measured_bytes": measured["peak_measured_bytes"], "step_seconds": measured["step_seconds"],
-        "baseline_rss_bytes": measured["baseline_rss_bytes"],
+        "baseline_rss_bytes": measured["baseline_rss_bytes"], "runtime": measured["runtime"],
     }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from exporter.backends import get_backend
+from exporter.backends import get_backend, get_runtime
 from exporter.backends.base import GraphFn
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
@@ -120,16 +120,21 @@ class StepTrace:
 
 
 class BundleRunner:
-    """Runs a bundle's graphs with the runtime of its backend (Core ML raises RuntimeUnavailable off macOS)."""
+    """Runs a bundle's graphs with the runtime of its backend, or `runtime` where it can run them (`mil`:
+    the NumPy MIL interpreter runs Core ML bundles on any OS). `self.backend.runtime` says which ran."""
 
     def __init__(self, bundle: Path, runtime: str | None = None, check_files: bool = True):
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle, check_files)
         backend = self.manifest["backend"]
-        if runtime is not None and runtime != backend:
-            raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
-                              f"(build it with --backend {runtime})")
-        self.backend = get_backend(backend)
+        if runtime is None or runtime == backend:
+            self.backend = get_backend(backend)
+        else:
+            try:
+                self.backend = get_runtime(runtime, backend)
+            except KeyError:
+                raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
+                                  f"(build it with --backend {runtime})") from None
         self._fns: dict[str, GraphFn] = {}
 
     # -- graphs

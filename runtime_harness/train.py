@@ -246,7 +246,8 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
             "eval_examples": 0 if evaluation is None else len(evaluation), "format": data.format,
             "truncated": data.truncated + (evaluation.truncated if config.eval_data is not None else 0),
             "first_step": start + 1, "best": best, "out": str(config.out),
-            "tokenizer": "bytes" if isinstance(codec, ByteCodec) else "tokenizer"}
+            "tokenizer": "bytes" if isinstance(codec, ByteCodec) else "tokenizer",
+            "runtime": runner.backend.runtime or runner.backend.name}
 
 
 def _load_optimizer(runner: BundleRunner, store: dict, path: Path) -> None:

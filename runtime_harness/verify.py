@@ -158,7 +158,8 @@ def verify(bundle: Path, runtime: str | None = None, adapter: dict[str, np.ndarr
     loss_rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
     ok = loss_rel <= REL_ERR_MAX and all(r.ok for r in rows) and set(grads) == set(ref_grads)
     return {
-        "bundle": str(bundle), "runtime": manifest["backend"], "seed": seed, "ok": ok,
+        "bundle": str(bundle), "backend": manifest["backend"], "runtime": runner.backend.runtime or runner.backend.name,
+        "seed": seed, "ok": ok,
         "reference": f"transformers {manifest['model']['hf_config'].get('model_type')} decoder layers + peft + "
                      f"autograd, float64, one layer at a time, weights from {manifest['weights']['source']}",
         "loss": loss, "reference_loss": ref_loss, "loss_rel_err": loss_rel, "loss_ok": loss_rel <= REL_ERR_MAX,
@@ -169,7 +170,7 @@ def verify(bundle: Path, runtime: str | None = None, adapter: dict[str, np.ndarr
 
 
 def format_report(report: dict, limit: int | None = None) -> str:
-    lines = [f"{'tensor':<64} {'cosine':>12} {'max rel err':>12}  ok"]
+    lines = [f"runtime: {report['runtime']}", f"{'tensor':<64} {'cosine':>12} {'max rel err':>12}  ok"]
     rows = report["tensors"]
     shown = rows if limit is None or len(rows) <= limit else sorted(rows, key=lambda r: -r["max_rel_err"])[:limit]
     for r in shown:

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, tests/eager_backend.py
 
 import exporter  # noqa: E402,F401  (quiets third-party import logs)
-from helpers import runnable_backends, make_hf_checkpoint, tiny_spec  # noqa: E402
+from helpers import make_hf_checkpoint, runnable_backends, tiny_spec  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -95,23 +95,24 @@ def make_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, init_std: f
 _RUNTIME_MODULES = {"executorch": "executorch.runtime", "ort": "onnxruntime", "coreml": "coremltools"}
 
 
-def runnable_backends() -> list:
-    """Every backend in the registry as a pytest param; one whose runtime cannot run graphs here is
-    skipped with the reason (Core ML off macOS is covered structurally by test_backend_coreml.py)."""
+def runnable_backends(weights_as_inputs: bool = False) -> list:
+    """Every backend in the registry as a pytest param; one whose runtime is not installed is skipped with
+    the reason. Core ML runs everywhere: the framework on macOS, the NumPy MIL interpreter elsewhere.
+    `weights_as_inputs`: only backends whose layer program takes the frozen weights as inputs (Core ML
+    bakes them into per-layer packages; test_backend_coreml.py compares those with eager)."""
     import importlib.util
-    import sys
 
     import pytest
 
-    from exporter.backends import BACKEND_NAMES
+    from exporter.backends import BACKEND_NAMES, get_backend
 
     params = []
     for name in BACKEND_NAMES:
         module = _RUNTIME_MODULES.get(name, name)
-        if name == "coreml" and sys.platform != "darwin":
-            reason = "Core ML prediction needs macOS (its structure is checked in test_backend_coreml.py)"
-        elif importlib.util.find_spec(module.split(".")[0]) is None:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
             reason = f"the {name} runtime ({module}) is not installed"
+        elif weights_as_inputs and get_backend(name).weights_in_graphs:
+            reason = f"{name} bakes the frozen weights into per-layer programs (see test_backend_coreml.py)"
         else:
             reason = None
         params.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)) if reason else name)

@@ -1,7 +1,8 @@
 """Backends that run here (ExecuTorch, ONNX Runtime): every step graph lowered, run through the backend's
 `load` and compared with eager PyTorch (float32, rtol 1e-5); then ONNX-specific checks (opset, IR) and
 the ORT training artifacts (checkpoint + optimizer model) against the bundle's optimizer graph.
-Core ML, which cannot run here, has its own structural tests in test_backend_coreml.py."""
+Core ML bakes weights into per-layer packages: test_backend_coreml.py compares its graphs with eager
+(the framework on macOS, the NumPy MIL interpreter elsewhere)."""
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def _lower_all(backend_name: str, root) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=runnable_backends())
+@pytest.fixture(scope="module", params=runnable_backends(weights_as_inputs=True))
 def lowered(request, tmp_path_factory):
     return _lower_all(request.param, tmp_path_factory.mktemp(f"{request.param}-graphs"))
 

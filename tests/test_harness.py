@@ -1,5 +1,6 @@
-"""The runtime harness on real runtimes (ExecuTorch, ONNX Runtime): verify, grads, train, memory, and a
-corrupted backward graph that verify must catch. One tiny bundle per runtime (conftest.tiny_bundle)."""
+"""The runtime harness on real runtimes (ExecuTorch, ONNX Runtime, Core ML: the framework on macOS, the NumPy
+MIL interpreter elsewhere): verify, grads, train, memory, and a corrupted backward graph that verify must
+catch. One tiny bundle per runtime (conftest.tiny_bundle)."""
 from __future__ import annotations
 
 import json
@@ -46,9 +47,14 @@ def test_verify_catches_a_corrupted_backward_graph(tiny_bundle, tmp_path, monkey
     from exporter.graph_defs import StepShapes, layer_backward_graph, layer_forward_graph
     from graphs.config import ModelSpec
 
-    shapes = StepShapes(ModelSpec(**manifest["model"]["architecture"]), LoraConfig(rank=4, seq_len=16),
-                        vocab_chunk_rows=128)
-    get_backend(manifest["backend"]).lower("layer", [layer_forward_graph(shapes), layer_backward_graph(shapes)], bundle)
+    spec = ModelSpec(**manifest["model"]["architecture"])
+    shapes = StepShapes(spec, LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128)
+    backend = get_backend(manifest["backend"])
+    if backend.weights_in_graphs:  # Core ML: layer 1's own package, with its weights baked in
+        weights = reference.source_weights(manifest).layer(1)
+        backend.lower("layer_01", [layer_forward_graph(shapes, weights), layer_backward_graph(shapes, weights)], bundle)
+    else:
+        backend.lower("layer", [layer_forward_graph(shapes), layer_backward_graph(shapes)], bundle)
     resign(bundle, manifest)  # re-sign, so that only the math can give it away
     report = verify(bundle, seed=0)
     assert not report["ok"]
@@ -148,3 +154,12 @@ def test_bad_batch_and_adapter_exit_2(tiny_bundle, tmp_path, capsys):
                          str(tmp_path / "rank8"), "--out", str(tmp_path / "g.safetensors")]) == 2
     assert "rank 4" in capsys.readouterr().err
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_runtime_that_cannot_run_the_bundle_is_one_line_exit_2(tiny_bundle, tmp_path, capsys):
+    """`--runtime mil` runs Core ML bundles only; a Core ML bundle runs on coreml or mil only."""
+    backend = json.loads((tiny_bundle / "manifest.json").read_text())["backend"]
+    other = "ort" if backend == "coreml" else "mil"
+    assert harness_main(["verify", str(tiny_bundle), "--runtime", other, "--report", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a {backend} bundle; it cannot run on {other}" in err[0]

@@ -43,6 +43,8 @@ GraphFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 class Backend:
     name: str = ""
+    #: which runtime `load` uses, in words (reports say which one ran)
+    runtime: str = ""
     #: True: a layer's frozen weights are baked into a per-layer program (forward and backward
     #: share them); False: one program serves every layer and weights are inputs read from
     #: `weights/layer_XX.safetensors`.
@@ -51,6 +53,13 @@ class Backend:
     def lower(self, program: str, graphs: list[GraphDef], out_dir: Path) -> list[LoweredGraph]:
         """Export `graphs` (all traced with torch.export) into one program file under `out_dir/graphs/`."""
         raise NotImplementedError
+
+    def lower_baked(self, program: str, make: Callable[[dict], list[GraphDef]], weights: dict, out_dir: Path
+                    ) -> list[LoweredGraph]:
+        """Lower the graphs `make(weights)` of a program whose frozen `weights` are baked in (a layer of a
+        `weights_in_graphs` backend). Calls with the same `make` differ only in the weights' values, so a
+        backend may convert the program once and write each layer's weights into it."""
+        return self.lower(program, make(weights), out_dir)
 
     def write_training_artifacts(self, shapes: StepShapes, lora_state: dict, out_dir: Path) -> dict:
         """Backend-specific training files (ORT: checkpoint + optimizer model). Returns manifest fields."""

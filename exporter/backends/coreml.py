@@ -14,25 +14,31 @@ of a Qwen2.5-0.5B layer's 59.6 MB (the rest: the causal mask, rotary positions, 
 are inputs (constants cannot be updated). Core ML has no int64 tensors: token ids, labels and offsets
 are int32 inputs, and the manifest says so.
 
-Conversion runs on Linux (`skip_model_load=True`); prediction needs macOS. `describe_package` reads a
-package's functions and signatures from its protobuf, which `runtime_harness` checks off macOS.
+Conversion runs on any OS (`skip_model_load=True`). `load` runs a function with the Core ML framework on
+macOS and with the NumPy MIL interpreter (`mil_runtime`) elsewhere; `MIL_RUNTIME` forces the interpreter
+(`--runtime mil`). `describe_package` reads a package's functions and signatures from its protobuf.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shutil
 import sys
 import tempfile
+import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from exporter.backends import coreml_exact
 from exporter.backends.base import Backend, GraphFn, LoweredGraph, RuntimeUnavailable
 from exporter.graph_defs import GraphDef
 
 WEIGHTS_BIN = "Data/com.apple.CoreML/weights/weight.bin"
+MANIFEST = "Manifest.json"
 _COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16"}
 # Core ML ArrayFeatureType.ArrayDataType values
 _ARRAY_DTYPES = {65568: "float32", 131104: "int32", 65552: "float16", 65600: "float64", 131080: "int8"}
@@ -43,6 +49,7 @@ def _pass_pipeline():
 
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(["common::const_elimination"])
+    coreml_exact.add_to(pipeline)  # epsilons the converter adds -> 0 (see coreml_exact)
     return pipeline
 
 
@@ -156,6 +163,7 @@ def convert(graph: GraphDef, path: Path) -> None:
     model = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                        compute_precision=ct.precision.FLOAT32, inputs=inputs, outputs=outputs,
                        skip_model_load=True, pass_pipeline=_pass_pipeline())
+    coreml_exact.check_exact(model._mil_program, label=f"{graph.kind} ")  # refuses, naming the op
     model.save(str(path))
 
 
@@ -185,26 +193,146 @@ class CoreMLBackend(Backend):
         return [LoweredGraph(f"{program}.{g.kind}", rel, g.kind, coreml_inputs(g), g.signature()["outputs"])
                 for g in graphs]
 
-    def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
-        if sys.platform != "darwin":
-            raise RuntimeUnavailable("Core ML prediction needs macOS; on this machine `verify` checks the packages' "
-                                     "functions, signatures, shared weights and checksums instead")
-        import coremltools as ct
+    def __init__(self, interpreter: bool | None = None):
+        self._template: tuple | None = None
+        #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
+        #: the interpreter elsewhere.
+        self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
 
-        # CPU only: float32 throughout (the Neural Engine computes in float16), for replaying gradients.
-        model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"],
-                                  compute_units=ct.ComputeUnit.CPU_ONLY)
+    def lower_baked(self, program: str, make, weights: dict, out_dir: Path) -> list[LoweredGraph]:
+        """A layer program: converted once per `make` (see `LayerTemplate`), then each layer's package is the
+        template's with that layer's weight bytes; where the template cannot prove that, converted directly."""
+        if self._template is None or self._template[0] is not make:
+            self._template = (make, LayerTemplate.create(self, make, weights))
+        template = self._template[1]
+        if template is None:
+            return self.lower(program, make(weights), out_dir)
+        return template.write(program, weights, out_dir)
+
+    @property
+    def runtime(self) -> str:
+        return ("mil: NumPy MIL interpreter (exporter/backends/mil_runtime.py)" if self.interpreter
+                else "coreml: Core ML framework, CPU only")
+
+    def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
         inputs, outputs = graph["inputs"], graph["outputs"]
+        if self.interpreter:
+            from exporter.backends.mil_runtime import load_function
+
+            fn = load_function(Path(bundle_dir) / graph["file"], graph["method"])
+            predict = fn
+        else:
+            if sys.platform != "darwin":
+                raise RuntimeUnavailable("the Core ML framework runs on macOS only; use --runtime mil (the NumPy "
+                                         "MIL interpreter) here")
+            import coremltools as ct
+
+            # CPU only: float32 throughout (the Neural Engine computes in float16), for replaying gradients.
+            model = ct.models.MLModel(str(Path(bundle_dir) / graph["file"]), function_name=graph["method"],
+                                      compute_units=ct.ComputeUnit.CPU_ONLY)
+            predict = model.predict
 
         def run(args: list[np.ndarray]) -> list[np.ndarray]:
             if len(args) != len(inputs):
                 raise ValueError(f"{graph['method']} takes {len(inputs)} inputs, got {len(args)}")
             feed = {t["name"]: np.ascontiguousarray(np.asarray(a), dtype=t["dtype"]).reshape(t["shape"])
                     for t, a in zip(inputs, args)}
-            result = model.predict(feed)
+            result = predict(feed)
             return [np.asarray(result[t["name"]], dtype=t["dtype"]).reshape(t["shape"]) for t in outputs]
 
         return run
+
+
+def _sentinels(weights: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors shaped and typed like `weights`: distinct values, findable byte for byte."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype) for k, v in weights.items()}
+
+
+def _blob_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def _manifest_items(package: Path) -> list:
+    """Package Manifest.json entries without their random identifiers."""
+    return sorted(json.dumps(v, sort_keys=True) for v in json.loads((package / MANIFEST).read_text())["itemInfoEntries"].values())
+
+
+class LayerTemplate:
+    """A layer program converted once, whose packages are then written per layer by swapping weight bytes.
+
+    The program is converted twice, with two sets of random sentinel weights A and B. The swap is used only
+    when the conversion provably copies each weight into `weight.bin` unchanged: both packages have the
+    same `model.mlmodel` byte for byte (and `Manifest.json` but for its random item identifiers), every
+    weight's A bytes occur in A's
+    `weight.bin` (each occurrence a region), B's `weight.bin` holds B's bytes in exactly those regions, and
+    the two files are equal everywhere else. A layer's package is then A's with that layer's bytes in the
+    regions: what converting it directly writes (the conversion cannot depend on the weights' values)."""
+
+    def __init__(self, graphs: list[LoweredGraph], package: Path, regions: dict[str, list[int]], shapes: dict,
+                 tmp: str):
+        self.graphs, self.package, self.regions, self.shapes = graphs, package, regions, shapes
+        self.weight_bin = (package / WEIGHTS_BIN).read_bytes()
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+
+    @classmethod
+    def create(cls, backend: "CoreMLBackend", make, weights: dict) -> "LayerTemplate | None":
+        tmp = tempfile.mkdtemp(prefix="coreml-template-")
+        a, b = _sentinels(weights, 1), _sentinels(weights, 2)
+        lowered = backend.lower("template", make(a), Path(tmp) / "a")
+        backend.lower("template", make(b), Path(tmp) / "b")
+        pa, pb = Path(tmp) / "a/graphs/template.mlpackage", Path(tmp) / "b/graphs/template.mlpackage"
+        files = sorted(p.relative_to(pa).as_posix() for p in pa.rglob("*") if p.is_file())
+        if files != sorted(p.relative_to(pb).as_posix() for p in pb.rglob("*") if p.is_file()) \
+                or any((pa / f).read_bytes() != (pb / f).read_bytes() for f in files if f not in (WEIGHTS_BIN, MANIFEST)) \
+                or _manifest_items(pa) != _manifest_items(pb):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        bin_a, bin_b = (pa / WEIGHTS_BIN).read_bytes(), (pb / WEIGHTS_BIN).read_bytes()
+        covered = np.zeros(len(bin_a), dtype=bool)
+        regions: dict[str, list[int]] = {}
+        for name in weights:
+            blob_a, blob_b = _blob_bytes(a[name]), _blob_bytes(b[name])
+            at = bin_a.find(blob_a)
+            while at >= 0:
+                if bin_b[at:at + len(blob_b)] != blob_b:
+                    break
+                regions.setdefault(name, []).append(at)
+                covered[at:at + len(blob_a)] = True
+                at = bin_a.find(blob_a, at + len(blob_a))
+            if at >= 0 or name not in regions:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+        diff = np.frombuffer(bin_a, np.uint8) != np.frombuffer(bin_b, np.uint8) if len(bin_a) == len(bin_b) else None
+        if diff is None or (diff & ~covered).any():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        return cls(lowered, pa, regions, {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}, tmp)
+
+    def write(self, program: str, weights: dict, out_dir: Path) -> list[LoweredGraph]:
+        rel = f"graphs/{program}.mlpackage"
+        target = Path(out_dir) / rel
+        got = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+        if got != self.shapes:
+            raise ValueError(f"{program}: the weights' names, shapes or dtypes differ from the template's")
+        data = bytearray(self.weight_bin)
+        for name, offsets in self.regions.items():
+            blob = _blob_bytes(weights[name])
+            for at in offsets:
+                data[at:at + len(blob)] = blob
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(self.package, target, ignore=lambda d, names: [n for n in names if n == "weight.bin"])
+        (target / WEIGHTS_BIN).write_bytes(bytes(data))
+        # fresh item identifiers, as a conversion writes; keys sorted as Core ML's ModelPackage writes them
+        # (it rewrites a Manifest.json whose keys are not, which would change the bundle's checksums)
+        manifest = json.loads((self.package / MANIFEST).read_text())
+        ids = {item: str(uuid.uuid4()) for item in manifest["itemInfoEntries"]}
+        manifest["itemInfoEntries"] = {ids[k]: v for k, v in manifest["itemInfoEntries"].items()}
+        manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+        return [LoweredGraph(g.id.replace("template.", f"{program}.", 1), rel, g.method, g.inputs, g.outputs)
+                for g in self.graphs]
 
 
 def describe_package(path: Path) -> dict:
@@ -232,4 +360,5 @@ def describe_package(path: Path) -> dict:
             "weight_bin_bytes": weights.stat().st_size if weights.exists() else 0}
 
 
-BACKEND = CoreMLBackend()
+BACKEND = CoreMLBackend()  # the framework on macOS, the interpreter elsewhere
+MIL_RUNTIME = CoreMLBackend(interpreter=True)  # `--runtime mil`: the interpreter on any OS
