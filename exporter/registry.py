@@ -85,6 +85,11 @@ class UnsupportedModel(ValueError):
     pass
 
 
+# config.json sizes (of the text model) that must be positive integers when present
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim")
+
+
 def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSpec:
     """Read a Hugging Face `config.json` dict of a supported architecture into a ModelSpec.
 
@@ -94,6 +99,11 @@ def spec_from_hf_config(config: dict, name: str, hf_repo: str | None) -> ModelSp
     field, or a number that is not a positive integer (e.g. zero heads)."""
     if not isinstance(config, dict):
         raise UnsupportedModel(f"{name}: config.json is not a JSON object")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in _POSITIVE_INTS:
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UnsupportedModel(f"{name}: config.json: {key} must be a positive integer, got {value!r}")
     try:
         return ModelSpec(name=name, hf_repo=hf_repo, **spec_fields_from_hf_config(config))
     except UnsupportedModel:

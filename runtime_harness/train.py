@@ -238,7 +238,10 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
                  "eval_fraction": config.eval_fraction, "eval_every": every if batches is not None else None,
                  "best": best, "rows": rows}
     title = f"{m['model']['name']} / {m['backend']} / {m['optimizer']['name']} lr {lr:g}"
-    write_run(runner, store, best_lora, new_state, Path(config.out), title)
+    try:
+        write_run(runner, store, best_lora, new_state, Path(config.out), title)
+    except OSError as e:  # a full disk, an output that went away: write_run left nothing behind
+        raise BundleError(f"cannot write the run to {config.out}: {e.strerror or e}") from None
     losses = [r[1] for r in rows[len(rows) - done:]]
     return {"losses": losses, "step_seconds": [r[2] for r in rows[len(rows) - done:]], "interrupted": interrupted,
             "steps_asked": config.steps,
