@@ -250,7 +250,7 @@ CASES = [
     ("config-not-an-object", _config(lambda c: [c]), 2, "config.json is not a JSON object", _no("o")),
     ("config-zero-heads", _set("num_attention_heads", 0), 2, "num_attention_heads must be a positive integer", None),
     ("config-negative-hidden", _set("hidden_size", -64), 2, "hidden_size must be a positive integer", None),
-    ("config-zero-layers", _set("num_hidden_layers", 0), 2, "num_layers must be a positive integer", None),
+    ("config-zero-layers", _set("num_hidden_layers", 0), 2, "num_hidden_layers must be a positive integer", None),
     ("config-zero-vocab", _set("vocab_size", 0), 2, "vocab_size must be a positive integer", None),
     ("config-string-size", _set("intermediate_size", "big"), 2, "config.json", None),
     ("config-zero-eps", _set("rms_norm_eps", 0), 2, "rms_norm_eps must be a positive finite number", None),

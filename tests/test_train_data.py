@@ -56,7 +56,7 @@ def peft_loss(bundle: Path, adapter_dir: Path, data: Path) -> float:
     manifest = json.loads((bundle / "manifest.json").read_text())
     ds = load_dataset(data, load_codec(bundle, manifest), manifest["seq_len"], 320)
     adapter = {k: v.numpy() for k, v in read_adapter(adapter_dir)[1].items()}
-    model = reference.peft_model(reference.base_model(bundle, manifest), manifest, adapter)
+    model = reference.peft_model(reference.whole_model(manifest), manifest, adapter)
     return reference.loss_only(model, ds.ids, ds.labels)
 
 
@@ -123,6 +123,7 @@ def test_resume_refuses_other_data_and_a_folder_that_is_not_a_run(chat_bundle, t
     data = write_jsonl(tmp_path / "a.jsonl", [chat(t) for t in TOPICS[:4]])
     _train(chat_bundle, "--data", data, "--steps", 1, "--out", tmp_path / "run")
     before = (tmp_path / "run" / "train_state.json").read_text()
+    capsys.readouterr()  # the run's own output
     other = write_jsonl(tmp_path / "b.jsonl", [chat(t) for t in TOPICS[4:8]])
     for argv, message in ((["--resume", tmp_path / "run", "--data", other], "is not the data"),
                           (["--resume", tmp_path], "is not a train run folder")):
