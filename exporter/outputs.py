@@ -63,15 +63,7 @@ def check_creatable(out: Path, flag: str = "--out") -> None:
     read-only mount."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to {out}: it exists and is not a folder")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"cannot write to {out}: {existing} is not a folder")
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=".ondevice-lora-probe-", dir=existing))
-    except OSError as e:
-        raise OutputError(f"cannot write to {out}: {existing} is not writable ({e.strerror or e})") from None
+    _probe_writable(out.parent, f"cannot write to {out}")
 
 
 def file_target(path: Path | str, flag: str = "--out") -> Path:
@@ -80,16 +72,22 @@ def file_target(path: Path | str, flag: str = "--out") -> Path:
     p = Path(path).expanduser().absolute()
     if p.is_dir():
         raise OutputError(f"cannot write {flag} {path}: it is a folder; name a file")
-    existing = p.parent
+    _probe_writable(p.parent, f"cannot write {flag} {path}")
+    return p
+
+
+def _probe_writable(folder: Path, failure: str) -> None:
+    """OutputError(`failure: why`) unless the nearest existing ancestor of `folder` (itself included) is a
+    folder that takes new entries: tried with a temporary folder, removed at once."""
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"cannot write {flag} {path}: {existing} is not a folder")
+        raise OutputError(f"{failure}: {existing} is not a folder")
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=".ondevice-lora-probe-", dir=existing))
     except OSError as e:
-        raise OutputError(f"cannot write {flag} {path}: {existing} is not writable ({e.strerror or e})") from None
-    return p
+        raise OutputError(f"{failure}: {existing} is not writable ({e.strerror or e})") from None
 
 
 def is_bundle(folder: Path) -> tuple[bool, str]:

@@ -204,6 +204,16 @@ class BundleRunner:
         `keep(name)` True keeps a tensor the schedule would free (e.g. LoRA gradients, to compare them)."""
         trace = StepTrace()
         files: dict = {}  # the safetensors header of the weight file in use
+
+        def finish(entry: dict, record: CallRecord) -> None:
+            """After a call: drop the names it frees (unless kept), record it, report it."""
+            for name in entry["free"]:
+                if keep is None or not keep(name):
+                    store.pop(name, None)
+            trace.calls.append(record)
+            if on_call is not None:
+                on_call(record)
+
         for index, entry in enumerate(self.manifest["schedules"][schedule]):
             if entry["op"] == "fill":
                 store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
@@ -211,14 +221,8 @@ class BundleRunner:
             if entry["op"] == "ort_training_step":
                 t0 = time.perf_counter()
                 self._ort_training_step(entry, store)
-                record = CallRecord(index, "ort_training_step", None, time.perf_counter() - t0,
-                                    sum(v.nbytes for v in store.values()), 0)
-                for name in entry["free"]:
-                    if keep is None or not keep(name):
-                        store.pop(name, None)
-                trace.calls.append(record)
-                if on_call is not None:
-                    on_call(record)
+                finish(entry, CallRecord(index, "ort_training_step", None, time.perf_counter() - t0,
+                                         sum(v.nbytes for v in store.values()), 0))
                 continue
             graph = self.manifest["graphs"][entry["graph"]]
             args, weight_bytes = [], 0
@@ -239,14 +243,8 @@ class BundleRunner:
             del args
             for spec, value in zip(graph["outputs"], outputs):
                 store[entry["outputs"][spec["name"]]] = value
-            record = CallRecord(index, entry["graph"], entry.get("layer"), seconds,
-                                sum(v.nbytes for v in store.values()), weight_bytes)
-            for name in entry["free"]:
-                if keep is None or not keep(name):
-                    store.pop(name, None)
-            trace.calls.append(record)
-            if on_call is not None:
-                on_call(record)
+            finish(entry, CallRecord(index, entry["graph"], entry.get("layer"), seconds,
+                                     sum(v.nbytes for v in store.values()), weight_bytes))
         files.clear()
         return trace
 
