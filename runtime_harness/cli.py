@@ -208,12 +208,12 @@ def run_grads(args) -> int:
 def run_train(args) -> int:
     from exporter.progress import mode_for
     from runtime_harness.runner import BundleError, load_manifest
-    from runtime_harness.train import TrainConfig, train
+    from runtime_harness.train import TrainConfig, default_run_dir, train
 
     if args.adapter and args.resume:
         raise BundleError("--resume continues the run's own adapter; --adapter cannot be combined with it")
     manifest = load_manifest(args.bundle, check_files=False)  # train's runner checks every file
-    out = args.out or args.resume or Path("runs") / f"{args.bundle.name}-train"
+    out = args.out or args.resume or default_run_dir(args.bundle)
     continuing = args.resume is not None and Path(out).resolve() == Path(args.resume).resolve()
     out = run_dir(out, args.bundle, args.overwrite or continuing)
     adapter = _read_adapter(args.adapter, args.bundle, manifest) if args.adapter else None

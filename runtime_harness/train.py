@@ -121,6 +121,11 @@ def plot_losses(curves: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def default_run_dir(bundle: Path) -> Path:
+    """Where a run of `bundle` goes without --out (or --resume): runs/<bundle name>-train."""
+    return Path("runs") / f"{Path(bundle).name}-train"
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, dict]:
@@ -170,7 +175,7 @@ def train(config: TrainConfig, adapter: dict[str, np.ndarray] | None = None, pro
     if config.resume is not None:
         config, state = _resumed_config(config)
     config = replace(config, seed=0 if config.seed is None else config.seed,
-                     out=config.out or Path("runs") / f"{Path(config.bundle).name}-train")
+                     out=config.out or default_run_dir(config.bundle))
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps <= 0:
         raise BundleError(f"--steps must be a positive integer, got {config.steps}")
     if config.lr is not None and not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr)
