@@ -44,10 +44,6 @@ from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weigh
                               resolve_checkpoint_folder)
 from graphs.config import ModelSpec
 
-# Families whose graphs, schedule and reference the exporter dispatches; the others (graphs/families/)
-# have their math in graphs/ but are refused here until the exporter dispatches through the family seam.
-BUILDABLE_FAMILIES = ("qwen2",)
-
 
 class BuildError(ValueError):
     """A build that cannot go ahead; the message is one line for the user."""
@@ -77,9 +73,6 @@ def resolve(config: BuildConfig) -> Resolved:
         raise BuildError(f"--seed must be a non-negative integer, got {config.seed}")
     try:
         spec, model_folder = _resolve_model(config.model)
-        if spec.family not in BUILDABLE_FAMILIES:
-            raise BuildError(f"{spec.name}: the exporter cannot build {spec.family} models yet "
-                             f"(buildable families: {', '.join(BUILDABLE_FAMILIES)})")
         out = outputs.resolve_out(config.out or default_out(spec.name, config.backend))
         outputs.check_creatable(out)
         outputs.check_replaceable(out)
@@ -132,30 +125,35 @@ def _resolve_model(model: str) -> tuple[ModelSpec, Path | None]:
     return spec_from_hf_config(read_hf_config(folder), name, None if Path(model).expanduser().exists() else model), folder
 
 
-def _programs(r: Resolved, backend) -> dict:
-    """Program name -> its graphs (or a function making them: a baked layer reads its weights only when
-    it is lowered, not when its cached copy is reused), in build order."""
-    s = r.shapes
-    programs: dict[str, list] = {"embed": [gd.embed_chunk_graph(s)]}
-    if backend.weights_in_graphs:
-        for i in range(s.spec.num_layers):
-            programs[sched.layer_program(i, True)] = _BakedLayer(i)
-    else:
-        programs["layer"] = [gd.layer_forward_graph(s), gd.layer_backward_graph(s)]
-    programs["head"] = [gd.head_chunk_graph(s), gd.head_finish_graph(s)]
-    programs["optimizer"] = [gd.optimizer_graph(s)]
-    return programs
-
-
 @dataclass(frozen=True)
-class _BakedLayer:
-    """A layer program with its frozen weights baked in: lowered by `Backend.lower_baked`."""
+class Program:
+    """One program file of the bundle, as the manifest's graph entries describe it (structured fields, so
+    that nothing reads meaning out of names): `role` embed / layer / head / optimizer; a layer program
+    serves layers of one `attention` kind, and only layer `layer` when its frozen weights are baked in."""
 
-    index: int
+    name: str
+    role: str
+    layer: int | None = None
+    attention: str | None = None
 
 
-def _layer_graphs(shapes: gd.StepShapes, weights: dict[str, torch.Tensor]) -> list[gd.GraphDef]:
-    return [gd.layer_forward_graph(shapes, weights), gd.layer_backward_graph(shapes, weights)]
+def _programs(r: Resolved, backend) -> list[tuple[Program, list[gd.GraphDef] | None]]:
+    """Every program with its graphs, in build order. A baked layer's graphs are None: they are made from
+    its weights only when it is lowered, not when its cached copy is reused."""
+    s = r.shapes
+    spec = s.spec
+    programs: list[tuple[Program, list | None]] = [(Program("embed", "embed"), [gd.embed_chunk_graph(s)])]
+    if backend.weights_in_graphs:
+        for i in range(spec.num_layers):
+            programs.append((Program(sched.layer_program(spec, i, True), "layer", i, spec.layer_types[i]), None))
+    else:
+        first = {kind: spec.layer_types.index(kind) for kind in spec.attention_kinds}
+        for kind, i in first.items():
+            programs.append((Program(sched.layer_program(spec, i, False), "layer", None, kind),
+                             gd.layer_graphs(s, kind)))
+    programs.append((Program("head", "head"), [gd.head_chunk_graph(s), gd.head_finish_graph(s)]))
+    programs.append((Program("optimizer", "optimizer"), [gd.optimizer_graph(s)]))
+    return programs
 
 
 def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> None:
@@ -189,48 +187,55 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
 
 def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> dict[str, dict]:
     programs = _programs(r, backend)
-    layer_graphs = functools.partial(_layer_graphs, r.shapes)  # one object per build: backends reuse work by it
+    # one graph maker per layer kind and build: a backend may convert a kind once and reuse it (Core ML)
+    makers = {kind: functools.partial(gd.layer_graphs, r.shapes, kind) for kind in r.shapes.spec.attention_kinds}
     graphs: dict[str, dict] = {}
     (stage / "graphs").mkdir(parents=True, exist_ok=True)
     code = code_digest(backend)
-    bar = progress(programs.items(), "graphs", "programs", say.mode)
-    for program, make in bar:
-        bar.set_postfix_str(program)
-        baked_layer = program.startswith("layer_")
-        kind = "layer" if baked_layer else program
-        key = cache.key({"backend": backend.name, "program": kind, "layer": program if baked_layer else None,
-                         "settings": _program_settings(r.shapes, kind),
-                         "weights": r.weights.identity() if baked_layer else None, "code": code})
+    bar = progress(programs, "graphs", "programs", say.mode)
+    for program, made in bar:
+        bar.set_postfix_str(program.name)
+        baked = made is None
+        key = cache.key({"backend": backend.name, "program": program.role, "layer": program.layer,
+                         "settings": _program_settings(r.shapes, program),
+                         "weights": r.weights.identity() if baked else None, "code": code})
         lowered = cache.fetch_program(key, stage)
         if lowered is None:
             t0 = time.time()
-            if isinstance(make, _BakedLayer):
-                weights = r.weights.layer(make.index)
-                lowered = [g.to_dict() | {"id": g.id} for g in backend.lower_baked(program, layer_graphs, weights, stage)]
+            if baked:
+                weights = r.weights.layer(program.layer)
+                lowered = [g.to_dict() | {"id": g.id}
+                           for g in backend.lower_baked(program.name, makers[program.attention], weights, stage)]
                 for g in lowered:
                     g["constant_bytes"] = sum(t.numel() * t.element_size() for t in weights.values())
             else:
-                lowered = [g.to_dict() | {"id": g.id} for g in backend.lower(program, make, stage)]
-                for g, d in zip(lowered, make):
+                lowered = [g.to_dict() | {"id": g.id} for g in backend.lower(program.name, made, stage)]
+                for g, d in zip(lowered, made):
                     g["constant_bytes"] = sum(t.numel() * t.element_size() for t in d.constants.values())
-            say.detail(f"lowered {program} ({', '.join(g['method'] or g['id'] for g in lowered)}) "
+            say.detail(f"lowered {program.name} ({', '.join(g['method'] or g['id'] for g in lowered)}) "
                        f"in {time.time() - t0:.1f}s")
             cache.store_program(key, stage, lowered)
         for g in lowered:
-            graphs[g.pop("id")] = g
+            graph_id = g.pop("id")
+            graphs[graph_id] = {**g, "program": program.name, "role": program.role,
+                                "kind": graph_id[len(program.name) + 1:], "layer": program.layer,
+                                "attention": program.attention}
     return graphs
 
 
-def _program_settings(s: gd.StepShapes, kind: str) -> dict:
+def _program_settings(s: gd.StepShapes, program: Program) -> dict:
     """What determines a program's graphs (so that changing e.g. the method re-lowers only the layer program)."""
     common = {"tokens": s.tokens, "hidden": s.spec.hidden_size}
-    if kind == "embed":
-        return {**common, "chunk_rows": s.chunk_rows}
-    if kind == "head":
-        return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps}
-    if kind == "optimizer":
+    fam = s.family
+    if program.role == "embed":
+        return {**common, "chunk_rows": s.chunk_rows, "scale_embedding": fam.scale_embedding}
+    if program.role == "head":
+        return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps,
+                "norm_offset": fam.norm_offset}
+    if program.role == "optimizer":
         return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}
-    return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks}
+    return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks,
+            "attention": program.attention}
 
 
 def _copy_tokenizer(r: Resolved, stage: Path) -> bool:

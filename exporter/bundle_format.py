@@ -3,7 +3,7 @@ thresholds a bundle is verified against. The README's "Bundle format" section do
 `exporter.manifest` validates a manifest's structure (`manifest_schema.json`)."""
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph entries carry program / role / kind / layer / attention
 
 # files and folders
 MANIFEST = "manifest.json"

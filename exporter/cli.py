@@ -164,7 +164,8 @@ def summary(m: dict, bundle: Path) -> str:
     per_graph: dict[str, list[dict]] = {}
     for e in train:
         if e["op"] == "call":
-            key = e["graph"] if not e["graph"].startswith("layer_") else "layer_XX." + e["graph"].split(".")[1]
+            g = m["graphs"][e["graph"]]
+            key = e["graph"] if g["layer"] is None else f"layer_XX.{g['kind']}"  # baked per-layer programs
             per_graph.setdefault(key, []).append(e["memory"])
     for g, mems in per_graph.items():
         top = max(mems, key=lambda x: x["planned_bytes"])

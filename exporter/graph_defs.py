@@ -2,7 +2,8 @@
 
 Every backend lowers the same `GraphDef`s; only the file format differs. Graph kinds:
 
-    embed_chunk     (input_ids, weight, offset, acc)                    -> (acc_out,)
+    embed_chunk     (input_ids, weight, offset, acc)                    -> (acc_out,)   (rows times the
+                                                                            family's embedding scale)
     layer_forward   (x, [frozen weights], lora...)                      -> (y,)
     layer_backward  (x, dy, [frozen weights], lora...)                  -> (dx, grad_<lora>...)
     head_chunk      (x, norm_weight, labels, weight, offset, mu, s, P, T) -> (mu_out, s_out, P_out, T_out)
@@ -11,8 +12,10 @@ Every backend lowers the same `GraphDef`s; only the file format differs. Graph k
                     adamw: (lr, step, param_..., grad_..., exp_avg_..., exp_avg_sq_...)
                            -> (new_..., new_exp_avg_..., new_exp_avg_sq_..., step_out)
 
-Frozen layer weights are inputs when `weights` is None (one graph serves every layer; ExecuTorch and
-ONNX Runtime) or constants baked into the graph when given (Core ML: one package per layer).
+Frozen layer weights are inputs when `weights` is None (one graph serves every layer of an attention
+kind; ExecuTorch and ONNX Runtime) or constants baked into the graph when given (Core ML: one package
+per layer). A layer graph is built for one attention kind (`spec.layer_types`: full or sliding), which
+fixes its RoPE and mask; a model with both kinds has a layer program per kind.
 Tensor names inside a layer use Hugging Face names with '.' replaced by '_' (`ident`).
 """
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 
 from graphs import head as head_math
 from graphs import optim as optim_math
-from graphs import qwen2
+from graphs import layer as layer_math
 from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
+from graphs.family import Family, get_family
 
 Tensor = torch.Tensor
 METHODS = ("mesp", "mebp")
@@ -98,13 +102,18 @@ class StepShapes:
     def lora_names(self) -> list[str]:
         return list(self.lora.layer_lora_shapes(self.spec))
 
+    @property
+    def family(self) -> Family:
+        return get_family(self.spec.family)
+
 
 class _WeightsMixin(torch.nn.Module):
     """Holds frozen layer weights as buffers (constants) or expects them as inputs."""
 
-    def __init__(self, shapes: StepShapes, weights: dict[str, Tensor] | None):
+    def __init__(self, shapes: StepShapes, weights: dict[str, Tensor] | None, attention: str | None = None):
         super().__init__()
         self.shapes = shapes
+        self.attention = shapes.spec.attention_kind(attention)
         self.weight_names = list(shapes.spec.layer_weight_shapes())
         self.baked = weights is not None
         if self.baked:
@@ -121,8 +130,15 @@ class _WeightsMixin(torch.nn.Module):
 
 
 class EmbedChunk(torch.nn.Module):
+    """acc + E_c[ids] (times sqrt(hidden) for a family that scales its embedding: exact, as each token's
+    row comes from exactly one chunk and acc is zero there before)."""
+
+    def __init__(self, shapes: StepShapes):
+        super().__init__()
+        self.scale_hidden = shapes.spec.hidden_size if shapes.family.scale_embedding else None
+
     def forward(self, input_ids, weight, offset, acc):
-        return (head_math.embed_chunk(input_ids, weight, offset, acc),)
+        return (head_math.embed_chunk(input_ids, weight, offset, acc, self.scale_hidden),)
 
 
 class LayerForward(_WeightsMixin):
@@ -132,8 +148,9 @@ class LayerForward(_WeightsMixin):
         weights, lora = self.split(rest)
         s = self.shapes
         if s.method == "mebp":
-            return (qwen2.decoder_layer_forward(x, weights, lora, s.spec, s.lora.scale),)
-        return (qwen2.decoder_layer_forward_structured(x, weights, lora, s.spec, s.lora.scale, s.mlp_blocks),)
+            return (layer_math.decoder_layer_forward(x, weights, lora, s.spec, s.lora.scale, self.attention),)
+        return (layer_math.decoder_layer_forward_structured(x, weights, lora, s.spec, s.lora.scale, s.mlp_blocks,
+                                                            self.attention),)
 
 
 class LayerBackward(_WeightsMixin):
@@ -141,9 +158,11 @@ class LayerBackward(_WeightsMixin):
         weights, lora = self.split(rest)
         s = self.shapes
         if s.method == "mebp":
-            dx, grads = qwen2.decoder_layer_backward_autodiff(x, dy, weights, lora, s.spec, s.lora.scale)
+            dx, grads = layer_math.decoder_layer_backward_autodiff(x, dy, weights, lora, s.spec, s.lora.scale,
+                                                                   self.attention)
         else:
-            dx, grads = qwen2.decoder_layer_backward(x, dy, weights, lora, s.spec, s.lora.scale, s.mlp_blocks)
+            dx, grads = layer_math.decoder_layer_backward(x, dy, weights, lora, s.spec, s.lora.scale, s.mlp_blocks,
+                                                          self.attention)
         return (dx, *[grads[n] for n in s.lora_names()])
 
 
@@ -178,18 +197,20 @@ class HeadChunk(torch.nn.Module):
     def __init__(self, shapes: StepShapes):
         super().__init__()
         self.eps, self.vocab = shapes.spec.rms_norm_eps, shapes.spec.vocab_size
+        self.norm_offset = shapes.family.norm_offset
 
     def forward(self, x, norm_weight, labels, weight, offset, mu, s, P, T):
-        return head_math.head_chunk(x, norm_weight, labels, weight, offset, mu, s, P, T, self.eps, self.vocab)
+        return head_math.head_chunk(x, norm_weight, labels, weight, offset, mu, s, P, T, self.eps, self.vocab,
+                                    self.norm_offset)
 
 
 class HeadFinish(torch.nn.Module):
     def __init__(self, shapes: StepShapes):
         super().__init__()
-        self.eps = shapes.spec.rms_norm_eps
+        self.eps, self.norm_offset = shapes.spec.rms_norm_eps, shapes.family.norm_offset
 
     def forward(self, x, norm_weight, labels, mu, s, P, T):
-        loss, dx = head_math.head_finish(x, norm_weight, labels, mu, s, P, T, self.eps)
+        loss, dx = head_math.head_finish(x, norm_weight, labels, mu, s, P, T, self.eps, self.norm_offset)
         return loss.reshape(1), dx
 
 
@@ -224,22 +245,25 @@ def lora_inputs(shapes: StepShapes, prefix: str = "") -> list[TensorSpec]:
 
 def embed_chunk_graph(shapes: StepShapes) -> GraphDef:
     C, H = shapes.chunk_rows, shapes.spec.hidden_size
-    return GraphDef("embed_chunk", EmbedChunk(),
+    return GraphDef("embed_chunk", EmbedChunk(shapes),
                     [TensorSpec("input_ids", shapes.tokens, "int64"), TensorSpec("weight", (C, H)),
                      TensorSpec("offset", (1,), "int64"), TensorSpec("acc", shapes.hidden)],
                     [TensorSpec("acc_out", shapes.hidden)])
 
 
-def layer_forward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None) -> GraphDef:
+def layer_forward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None,
+                        attention: str | None = None) -> GraphDef:
+    """`attention`: the layers' kind (None: the spec's only kind)."""
     frozen = [] if weights is not None else layer_weight_inputs(shapes)
-    return GraphDef("layer_forward", LayerForward(shapes, weights),
+    return GraphDef("layer_forward", LayerForward(shapes, weights, attention),
                     [TensorSpec("x", shapes.hidden), *frozen, *lora_inputs(shapes)],
                     [TensorSpec("y", shapes.hidden)], weights or {})
 
 
-def layer_backward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None) -> GraphDef:
+def layer_backward_graph(shapes: StepShapes, weights: dict[str, Tensor] | None = None,
+                         attention: str | None = None) -> GraphDef:
     frozen = [] if weights is not None else layer_weight_inputs(shapes)
-    graph = GraphDef("layer_backward", LayerBackward(shapes, weights),
+    graph = GraphDef("layer_backward", LayerBackward(shapes, weights, attention),
                      [TensorSpec("x", shapes.hidden), TensorSpec("dy", shapes.hidden), *frozen, *lora_inputs(shapes)],
                      [TensorSpec("dx", shapes.hidden), *lora_inputs(shapes, "grad_")], weights or {})
     if shapes.method == "mebp":
@@ -281,7 +305,13 @@ def optimizer_graph(shapes: StepShapes, settings: optim_math.AdamWSettings = opt
                      *lora_inputs(shapes, "new_exp_avg_sq_"), TensorSpec("step_out", (1,))])
 
 
+def layer_graphs(shapes: StepShapes, attention: str, weights: dict[str, Tensor] | None = None) -> list[GraphDef]:
+    """The forward and backward of layers of kind `attention` (weights baked in when given)."""
+    return [layer_forward_graph(shapes, weights, attention), layer_backward_graph(shapes, weights, attention)]
+
+
 def step_graphs(shapes: StepShapes) -> list[GraphDef]:
-    """The shared (weights-as-inputs) graphs of one training step, in schedule order."""
-    return [embed_chunk_graph(shapes), layer_forward_graph(shapes), layer_backward_graph(shapes),
-            head_chunk_graph(shapes), head_finish_graph(shapes), optimizer_graph(shapes)]
+    """The shared (weights-as-inputs) graphs of one training step, in schedule order (layers: each kind)."""
+    layers = [g for kind in shapes.spec.attention_kinds for g in layer_graphs(shapes, kind)]
+    return [embed_chunk_graph(shapes), *layers, head_chunk_graph(shapes), head_finish_graph(shapes),
+            optimizer_graph(shapes)]

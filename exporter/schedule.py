@@ -18,6 +18,9 @@ Schedule entries:
     {"op": "ort_training_step", "lr": "lr", "gradients": [NAME, ...], "parameters": [NAME, ...], "free": [NAME, ...]}
 SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, or a constant {"value": [...], "dtype": D}.
 
+Layer i runs its own program (`layer_program`): the shared `layer`, the one of its attention kind
+(`layer_full` / `layer_sliding`, for a model with both), or `layer_XX` when its weights are baked in.
+
 `train_step`: embedding (chunks) -> layers forward (keeping x.i) -> loss head (chunks, then finish:
 loss and dy) -> for i = L-1..0: layer i backward (dy, grads; x.i freed) then layer i's optimizer
 update right away (exact: no lower layer's backward reads layer i's LoRA tensors) and its grads freed.
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
                                     grad_of, grad_state_name, layer_file, lora_state_name, peft_tensor_name)
 from exporter.graph_defs import StepShapes, ident
+from graphs.config import FULL, SLIDING, ModelSpec
 
 def numel(shape) -> int:
     n = 1
@@ -122,7 +126,7 @@ def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
                 "offset": {"value": [c * rows], "dtype": "int64"}, "acc": "embed.acc"},
                {"acc_out": "x.0" if last else "embed.acc"}, ["embed.acc"] if last else [])
     for i in range(L):
-        b.call(layer_graph_id("layer_forward", i, b.baked), i, {"x": f"x.{i}", **_layer_inputs(s, i, b.baked)},
+        b.call(layer_graph_id(s.spec, "layer_forward", i, b.baked), i, {"x": f"x.{i}", **_layer_inputs(s, i, b.baked)},
                {"y": f"x.{i + 1}"}, [] if keep_layer_inputs else [f"x.{i}"])
     for name, value in (("mu", "-inf"), ("s", 0.0), ("P", 0.0), ("T", 0.0)):
         b.fill(f"head.{name}", s.tokens if name in ("mu", "s") else s.hidden, value)
@@ -138,13 +142,19 @@ def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
            {"loss": "loss", "dx": "dy"}, [*state.values(), f"x.{L}"])
 
 
-def layer_program(i: int | None, baked: bool) -> str:
-    """One shared `layer` program, or `layer_XX` per layer when weights are baked in."""
-    return f"layer_{i:02d}" if baked else "layer"
+ATTENTION_PROGRAM = {FULL: "layer_full", SLIDING: "layer_sliding"}
 
 
-def layer_graph_id(kind: str, i: int, baked: bool) -> str:
-    return f"{layer_program(i, baked)}.{kind}"
+def layer_program(spec: ModelSpec, i: int, baked: bool) -> str:
+    """The program that runs layer i: `layer_XX` per layer when weights are baked in; otherwise one shared
+    `layer` program, or one per attention kind (`layer_full`, `layer_sliding`) when the layers differ."""
+    if baked:
+        return f"layer_{i:02d}"
+    return "layer" if len(spec.attention_kinds) == 1 else ATTENTION_PROGRAM[spec.layer_types[i]]
+
+
+def layer_graph_id(spec: ModelSpec, kind: str, i: int, baked: bool) -> str:
+    return f"{layer_program(spec, i, baked)}.{kind}"
 
 
 def _builder(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) -> _Builder:
@@ -157,7 +167,7 @@ def _builder(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) ->
 def _backward_layer(b: _Builder, i: int) -> None:
     """Layer i's backward: dy and layer i's LoRA gradients; x.i freed."""
     grads = {f"grad_{ident(n)}": grad_state_name(i, n) for n in b.shapes.lora_names()}
-    b.call(layer_graph_id("layer_backward", i, b.baked), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(b.shapes, i, b.baked)},
+    b.call(layer_graph_id(b.shapes.spec, "layer_backward", i, b.baked), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(b.shapes, i, b.baked)},
            {"dx": "dy", **grads}, [f"x.{i}"])
 
 

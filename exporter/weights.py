@@ -4,9 +4,14 @@ Sources:
   * a local folder with `config.json` and `*.safetensors` (single file or sharded with an index);
   * a Hugging Face repo id, fetched (or found in the cache) by `huggingface_hub.snapshot_download`;
   * `random`: a seeded, architecture-faithful initialisation (Hugging Face `_init_weights`:
-    linear and embedding weights ~ N(0, 0.02), biases 0, RMSNorm weights 1), generated per tensor
-    so that any layer can be produced alone.
+    linear and embedding weights ~ N(0, 0.02), biases 0, RMSNorm weights 1, or 0 for a family whose
+    norms use (1 + w)), generated per tensor so that any layer can be produced alone.
 Every tensor is checked against the ModelSpec's name and shape as it is read, and returned float32.
+
+Names: callers use the text model's canonical names (`model.layers.{i}.<name>`, `model.embed_tokens.weight`,
+`model.norm.weight`, `lm_head.weight`). A checkpoint may store the text model under another prefix (a
+multimodal wrapper: Gemma-3-4b's `language_model.model.`); `CheckpointWeights` maps the names to the
+prefix the checkpoint uses (`stored_name`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ LAYER_PREFIX = "model.layers.{}."
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+TEXT_PREFIX = "model."  # the canonical prefix of the text model's tensors
+# Where multimodal checkpoints keep the text model: the hub's layout (transformers < 4.52) and the one
+# transformers 5 writes. The spec's `checkpoint_prefix` is tried first.
+WRAPPER_PREFIXES = ("language_model.model.", "model.language_model.")
 INIT_STD = 0.02
 _RANDOM_BLOCK_ROWS = 4096
 
@@ -60,6 +69,12 @@ class WeightSource:
         """The frozen tensors of layer `index`, by name relative to the layer, float32."""
         prefix = LAYER_PREFIX.format(index)
         return {name: self.tensor(prefix + name) for name in self.spec.layer_weight_shapes()}
+
+    def norm_names(self) -> set[str]:
+        """Canonical names of the RMSNorm weights a layer (and the final norm) has."""
+        from graphs.family import get_family
+
+        return set(get_family(self.spec.family).norms.values())
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
         spec = self.spec
@@ -98,21 +113,42 @@ class CheckpointWeights(WeightSource):
                     self._file_of.update({name: f for name in st.keys()})
         else:
             raise WeightsError(f"{self.folder} has no *.safetensors weights")
-        missing = [n for n in self.required_names() if n not in self._file_of]
+        self.prefix = self._find_prefix()
+        missing = [self.stored_name(n) for n in self.required_names() if self.stored_name(n) not in self._file_of]
         if missing:
             raise WeightsError(f"checkpoint {self.folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
         by_file: dict[Path, list[str]] = {}
         for name in self.required_names():
-            by_file.setdefault(self._file_of[name], []).append(name)
+            by_file.setdefault(self._file_of[self.stored_name(name)], []).append(name)
         for path, names in by_file.items():
             if not path.is_file():
                 raise WeightsError(f"checkpoint {self.folder} lacks the shard {path.name} (named in its index)")
             with _open(path) as st:
                 present = set(st.keys())
                 for name in names:
-                    if name not in present:
-                        raise WeightsError(f"{path.name} lacks {name}, which the checkpoint's index places there")
-                    self._check(name, st.get_slice(name).get_shape())
+                    if self.stored_name(name) not in present:
+                        raise WeightsError(f"{path.name} lacks {self.stored_name(name)}, which the checkpoint's "
+                                           f"index places there")
+                    self._check(name, st.get_slice(self.stored_name(name)).get_shape())
+
+    def _find_prefix(self) -> str:
+        """The prefix under which this checkpoint stores the text model (the spec's, else a known wrapper's)."""
+        candidates = [self.spec.checkpoint_prefix]
+        if self.spec.checkpoint_prefix != TEXT_PREFIX:
+            candidates += [p for p in WRAPPER_PREFIXES if p not in candidates]
+        for prefix in candidates:
+            if prefix + EMBEDDING[len(TEXT_PREFIX):] in self._file_of:
+                return prefix
+        return candidates[0]
+
+    def stored_name(self, name: str) -> str:
+        """A canonical tensor name as this checkpoint stores it: `model.` -> the text model's prefix, and
+        `lm_head.weight` beside it (`language_model.lm_head.weight` in a hub Gemma-3-4b checkpoint)."""
+        if self.prefix == TEXT_PREFIX:
+            return name
+        if name.startswith(TEXT_PREFIX):
+            return self.prefix + name[len(TEXT_PREFIX):]
+        return self.prefix.removesuffix(TEXT_PREFIX) + name if self.prefix.endswith(TEXT_PREFIX) else name
 
     def content_sha256(self) -> str:
         """sha256 over the checkpoint's safetensors files that hold the model's tensors: for each file, in
@@ -136,15 +172,16 @@ class CheckpointWeights(WeightSource):
         return names
 
     def _slice(self, name: str):
+        stored = self.stored_name(name)
         try:
-            path = self._file_of[name]
+            path = self._file_of[stored]
         except KeyError:
-            raise WeightsError(f"checkpoint {self.folder} has no tensor {name}") from None
+            raise WeightsError(f"checkpoint {self.folder} has no tensor {stored}") from None
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # corrupt or unreadable file
             raise WeightsError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
-        return handle.get_slice(name)
+        return handle.get_slice(stored)
 
     def _check(self, name: str, shape: list[int]) -> None:
         want = self.expected_shape(name)
@@ -160,7 +197,8 @@ class CheckpointWeights(WeightSource):
         try:
             return part[start:stop].to(torch.float32)
         except Exception as e:  # safetensors raises its own error type for unreadable data
-            raise WeightsError(f"cannot read {name} from {self._file_of[name]}: {_first_line(e)}") from None
+            raise WeightsError(f"cannot read {self.stored_name(name)} from {self._file_of[self.stored_name(name)]}: "
+                               f"{_first_line(e)}") from None
 
 
 class _open:
@@ -200,11 +238,16 @@ class RandomWeights(WeightSource):
         shape = self.expected_shape(name)
         if name in (EMBEDDING, LM_HEAD):
             return self.rows(name, 0, shape[0])
-        if name.endswith("layernorm.weight") or name == FINAL_NORM:
-            return torch.ones(shape)
+        if name == FINAL_NORM or name.split(".", 3)[-1] in self.norm_names():
+            return torch.full(shape, 1.0 - self._norm_offset())  # the effective weight (w + offset) is 1
         if name.endswith(".bias"):
             return torch.zeros(shape)
         return torch.randn(shape, generator=self._generator(name)) * INIT_STD
+
+    def _norm_offset(self) -> float:
+        from graphs.family import get_family
+
+        return get_family(self.spec.family).norm_offset
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         vocab, hidden = self.expected_shape(name)
@@ -260,12 +303,33 @@ def open_weights(source: str, spec: ModelSpec, seed: int = 0) -> WeightSource:
     return CheckpointWeights(folder, spec, description)
 
 
+# ModelSpec field -> its config.json key (for messages in the checkpoint's own terms)
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "rope_local_theta": "rope_local_base_freq"}
+# ModelSpec fields that do not change the math (or are checked elsewhere: positions, by build)
+_NOT_COMPARED = ("name", "hf_repo", "model_type", "max_position_embeddings", "checkpoint_prefix")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
 def _check_config_matches(config: dict, spec: ModelSpec, folder: Path) -> None:
-    fields = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-              "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
-              "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads}
+    """The checkpoint's config.json must describe `spec`'s architecture: the same family and every field
+    that shapes the math (sizes, head_dim, norms' eps, RoPE, windows, tying), nested text configs included."""
+    from exporter.registry import UnsupportedModel, spec_from_hf_config
+    from graphs.family import family_of_model_type
+
     if not isinstance(config, dict):
         raise WeightsError(f"{folder / 'config.json'} is not a JSON object")
-    for key, want in fields.items():
-        if key in config and config[key] != want:
-            raise WeightsError(f"checkpoint {folder} has {key}={config[key]}, but {spec.name} needs {want}")
+    fam = family_of_model_type(config.get("model_type"))
+    if fam is not None and fam.name != spec.family:
+        raise WeightsError(f"checkpoint {folder} is a {fam.name} model (model_type {config.get('model_type')!r}), "
+                           f"but {spec.name} is {spec.family}")
+    try:
+        other = spec_from_hf_config(config, spec.name, None).to_dict()
+    except UnsupportedModel:  # an incomplete config.json: compare the sizes it does give (the tensors' shapes
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config  # are checked
+        other = {key: text[_HF_KEYS.get(key, key)] for key in _SIZES if _HF_KEYS.get(key, key) in text}  # anyway)
+    mine = spec.to_dict()
+    for key, theirs in other.items():
+        if key not in _NOT_COMPARED and theirs != mine[key]:
+            raise WeightsError(f"checkpoint {folder} has {_HF_KEYS.get(key, key)}={theirs}, "
+                               f"but {spec.name} needs {mine[key]}")

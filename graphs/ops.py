@@ -115,7 +115,7 @@ def band_mask(q_start: int, q_stop: int, k_start: int, k_stop: int, window: int 
     j = torch.arange(k_start, k_stop)[None, :]
     masked = j > i
     if window is not None:
-        masked = masked | (i - j >= window)
+        masked = torch.logical_or(masked, i - j >= window)  # (a `|` on bools has no Core ML conversion)
     return masked
 
 

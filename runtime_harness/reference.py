@@ -69,10 +69,16 @@ def source_weights(manifest: dict) -> WeightSource:
 
 
 def hf_config(manifest: dict):
-    """The checkpoint's own transformers config (eager attention)."""
+    """The checkpoint's own transformers config of its text model (eager attention). A multimodal
+    checkpoint (Gemma-3-4b's `Gemma3ForConditionalGeneration`) contributes its `text_config`."""
     import transformers
 
     fields = dict(manifest["model"]["hf_config"])
+    if isinstance(fields.get("text_config"), dict):
+        text = dict(fields["text_config"])
+        text.setdefault("tie_word_embeddings", fields.get("tie_word_embeddings", True))
+        text["model_type"] = manifest["model"]["architecture"]["model_type"]
+        fields = text
     model_type = fields.pop("model_type")
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
         fields.pop(key, None)
@@ -84,7 +90,9 @@ def hf_config(manifest: dict):
 # ---------------------------------------------------------------------------------- the architecture
 
 class Architecture:
-    """transformers' classes for one checkpoint: decoder layer, final norm, rotary embedding."""
+    """transformers' classes for one checkpoint: decoder layer, final norm, rotary embedding, and what the
+    model does around its layers: the embedding scale (Gemma) and each layer's attention type (full or
+    sliding window, each with its own mask and RoPE)."""
 
     def __init__(self, config):
         import transformers
@@ -96,7 +104,14 @@ class Architecture:
         self.layer_cls = type(base.layers[0])
         self._norm = base.norm
         self._rotary = base.rotary_emb
-        self.rope_type = getattr(base.rotary_emb, "rope_type", "default")
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        # Gemma's scaled embedding: transformers multiplies by a float32 tensor cast to the weights' dtype
+        scale = getattr(base.embed_tokens, "scalar_embed_scale", None)
+        self.embed_scale = None if scale is None else float(torch.tensor(scale, dtype=torch.float32))
+
+    def masks(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Layer type -> transformers' eager attention mask for it (causal; sliding-window causal)."""
+        return {kind: _mask(kind, self.config, x, positions) for kind in set(self.layer_types)}
 
     def layer(self, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Decoder layer `index` in float64 holding `weights` (names relative to the layer)."""
@@ -113,22 +128,29 @@ class Architecture:
         norm.load_state_dict({"weight": weight.to(torch.float64)}, strict=True, assign=True)
         return norm.requires_grad_(False)
 
-    def position_embeddings(self, positions: torch.Tensor, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of shape (B, S, head_dim), float64 (transformers' rotary module computes them in float32).
+    def position_embeddings(self, positions: torch.Tensor, dtype=torch.float64, layer_type: str = "full_attention"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape (B, S, head_dim) for layers of `layer_type`, float64 (transformers' rotary
+        module computes them in float32).
 
         Default RoPE: inv_freq_j = theta^(-2j/d) recomputed in float64, as transformers'
-        `compute_default_rope_parameters` defines it; other RoPE types take transformers' inv_freq."""
-        rotary_cls = type(self._rotary)
-        rotary = rotary_cls(config=self.config)
-        if self.rope_type == "default":
-            theta = self.config.rope_parameters["rope_theta"]
+        `compute_default_rope_parameters` defines it; other RoPE types take transformers' inv_freq. A model
+        whose RoPE differs per layer type (Gemma-3: `rope_parameters[layer_type]`, `<type>_inv_freq`) reads
+        that type's."""
+        rotary = type(self._rotary)(config=self.config)
+        params = self.config.rope_parameters
+        per_type = layer_type in params and isinstance(params[layer_type], dict)
+        params = params[layer_type] if per_type else params
+        prefix = f"{layer_type}_" if per_type else ""
+        if params.get("rope_type", "default") == "default":
+            theta = params["rope_theta"]
             dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
             inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         else:
-            inv_freq = rotary.inv_freq.to(torch.float64)
+            inv_freq = getattr(rotary, f"{prefix}inv_freq").to(torch.float64)
         freqs = positions[..., None].to(torch.float64) * inv_freq  # (B, S, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, d)
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
@@ -166,18 +188,20 @@ def _with_lora(layer: torch.nn.Module, index: int, manifest: dict, adapter: dict
 
 # ------------------------------------------------------------------------------------- the reference
 
-def _causal_mask(config, x: torch.Tensor, positions: torch.Tensor):
-    from transformers.masking_utils import create_causal_mask
+def _mask(layer_type: str, config, x: torch.Tensor, positions: torch.Tensor):
+    """transformers' mask for a layer type: causal, or causal within `config.sliding_window` positions."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, past_key_values=None,
-                              position_ids=positions, allow_is_causal_skip=False)
+    make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+    mask = make(config=config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=positions,
+                allow_is_causal_skip=False)
     if mask is None:
-        raise RuntimeError("transformers returned no causal mask for eager attention")
+        raise RuntimeError(f"transformers returned no {layer_type} mask for eager attention")
     return mask
 
 
-def _embed(weights: WeightSource, ids: torch.Tensor, hidden: int) -> torch.Tensor:
-    """x_0 = E[ids], float64, reading E in blocks of rows."""
+def _embed(weights: WeightSource, ids: torch.Tensor, hidden: int, scale: float | None = None) -> torch.Tensor:
+    """x_0 = E[ids] (times the model's embedding scale, if any), float64, reading E in blocks of rows."""
     vocab = weights.spec.vocab_size
     x = torch.zeros(*ids.shape, hidden, dtype=torch.float64)  # (B, S, H)
     for start in range(0, vocab, ROW_BLOCK):
@@ -185,7 +209,7 @@ def _embed(weights: WeightSource, ids: torch.Tensor, hidden: int) -> torch.Tenso
         hit = (ids >= start) & (ids < stop)
         if hit.any():
             x[hit] = weights.rows(EMBEDDING, start, stop).to(torch.float64)[ids[hit] - start]
-    return x
+    return x if scale is None else x * scale
 
 
 def _head(weights: WeightSource, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,14 +250,15 @@ def layerwise_loss_and_grads(manifest: dict, weights: WeightSource, adapter: dic
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)  # (B, S)
     B, S = ids.shape
     positions = torch.arange(S).unsqueeze(0).expand(B, S)  # (B, S)
-    xs = [_embed(weights, ids, config.hidden_size)]  # x_0 (B, S, H)
-    mask = _causal_mask(config, xs[0], positions)
-    rope = arch.position_embeddings(positions)
+    xs = [_embed(weights, ids, config.hidden_size, arch.embed_scale)]  # x_0 (B, S, H)
+    masks = arch.masks(xs[0], positions)
+    ropes = {kind: arch.position_embeddings(positions, layer_type=kind) for kind in masks}
 
     def run_layer(i: int, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         layer = arch.layer(i, weights.layer(i))
         params = _with_lora(layer, i, manifest, adapter)
-        return layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope), params
+        kind = arch.layer_types[i]
+        return layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=ropes[kind]), params
 
     with torch.no_grad():
         for i in range(L):
@@ -266,8 +291,8 @@ class _Float64Rotary(torch.nn.Module):
         super().__init__()
         self.arch = arch
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        return self.arch.position_embeddings(position_ids, x.dtype)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"):
+        return self.arch.position_embeddings(position_ids, x.dtype, layer_type)
 
 
 def whole_model(manifest: dict, weights: WeightSource | None = None, dtype=torch.float64):
@@ -290,6 +315,9 @@ def whole_model(manifest: dict, weights: WeightSource | None = None, dtype=torch
         model.model.rotary_emb = _Float64Rotary(Architecture(config))
     else:
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were on meta
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):  # Gemma's non-persistent scale buffer was on meta too
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{type(model).__name__}: tensors without values: {left[:3]}")

@@ -53,16 +53,45 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session", params=runnable_backends())
-def tiny_bundle(request, tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint (no tokenizer: bytes) built for each runtime, sequence 16, SGD; built once."""
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """family -> the tiny checkpoint of that family (tests/helpers.TINY_FAMILY_SPECS), saved by transformers
+    with perturbed norms and biases; Qwen2's is `tiny_checkpoint`. Made once per session."""
+    from helpers import TINY_FAMILY_SPECS
+
+    made = {"qwen2": tiny_checkpoint}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+            make_hf_checkpoint(TINY_FAMILY_SPECS[family], made[family], seed=0)
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(family_checkpoint, tmp_path_factory):
+    """(family, backend) -> that family's tiny checkpoint (no tokenizer: bytes) built for the backend,
+    sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per session."""
     from exporter.build import Reporter, build
     from exporter.cache import ArtifactCache
     from exporter.config import BuildConfig
     from graphs.config import LoraConfig
 
-    out = tmp_path_factory.mktemp("bundles") / f"tiny-{request.param}"
-    cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")
-    build(BuildConfig(model=str(tiny_checkpoint), backend=request.param, out=out, lora=LoraConfig(rank=4, seq_len=16),
-                      vocab_chunk_rows=128), Reporter(progress=False), cache)
-    return out
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, backend: str) -> Path:
+        if (family, backend) not in built:
+            out = tmp_path_factory.mktemp("bundles") / f"tiny-{family}-{backend}"
+            cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")
+            build(BuildConfig(model=str(family_checkpoint(family)), backend=backend, out=out,
+                              lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128), Reporter(progress=False), cache)
+            built[family, backend] = out
+        return built[family, backend]
+    return get
+
+
+@pytest.fixture(scope="session", params=runnable_backends())
+def tiny_bundle(request, tiny_bundles) -> Path:
+    """The tiny Qwen2 checkpoint built for each runtime (see `tiny_bundles`)."""
+    return tiny_bundles("qwen2", request.param)

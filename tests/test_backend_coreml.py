@@ -236,13 +236,12 @@ def test_layer_packages_from_the_template_equal_converted_ones(lowered, tmp_path
     layer's package computes that layer as eager does."""
     import functools
 
-    from exporter.build import _layer_graphs
-
     folder, g, entry = lowered["mesp", "layer_00.layer_forward"]
     backend = CoreMLBackend()
-    make = functools.partial(_layer_graphs, step_shapes())
+    shapes = step_shapes()
+    make = functools.partial(gd.layer_graphs, shapes, shapes.spec.layer_types[0])
     got = backend.lower_baked("layer_00", make, g.constants, tmp_path)
-    assert backend._template[1] is not None  # the template was proven, not the fallback
+    assert backend._templates[make] is not None  # the template was proven, not the fallback
     assert [x.id for x in got] == ["layer_00.layer_forward", "layer_00.layer_backward"]
     assert [x.to_dict() for x in got] == [{k: v for k, v in lowered["mesp", x.id][2].items() if k != "constant_bytes"}
                                           for x in got]

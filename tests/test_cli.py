@@ -66,12 +66,28 @@ def _exit_code(main, argv) -> int:
         return e.code
 
 
-@pytest.mark.parametrize("model", ["qwen3-0.6b", "gemma-3-1b", "gemma-3-4b", "llama-3.2-1b"])
-def test_build_refuses_families_the_exporter_cannot_build_yet(model, capsys, tmp_path):
-    """The graphs/ math of these families exists; the exporter's dispatch does not yet: one line, exit 2."""
+def test_every_registry_family_resolves_for_a_build(tmp_path):
+    """Every registry model (every family) passes build's checks with random weights: spec, LoRA, budget."""
+    from exporter.build import resolve
+    from exporter.config import BuildConfig
+    from exporter.registry import MODELS
+    from graphs.family import families
+
+    seen = set()
+    for name, spec in MODELS.items():
+        r = resolve(BuildConfig(model=name, backend="ort", weights="random", out=tmp_path / name))
+        assert r.spec == spec and r.shapes.lora_names()
+        seen.add(spec.family)
+    assert seen == set(families())
+
+
+def test_checkpoint_of_another_family_is_refused(family_checkpoint, capsys, tmp_path):
     out = tmp_path / "out"
-    assert exporter_main(["build", "--model", model, "--backend", "ort", "--weights", "random", "--out", str(out)]) == 2
-    assert "the exporter cannot build" in _one_error_line(capsys)
+    argv = ["build", "--model", "gemma-3-1b", "--backend", "ort", "--weights", str(family_checkpoint("qwen3")),
+            "--out", str(out)]
+    capsys.readouterr()  # the checkpoint's own save_pretrained progress
+    assert exporter_main(argv) == 2
+    assert "is a qwen3 model (model_type 'qwen3'), but gemma-3-1b is gemma3" in _one_error_line(capsys)
     assert not out.exists()
 
 

@@ -69,6 +69,27 @@ def test_unary_ops_match_torch_float32():
                                   np.maximum(x, 1))
 
 
+def test_gelu_tanh_matches_torch_and_other_modes_are_refused():
+    x = np.linspace(-12, 12, 1001, dtype=f32)
+    got = run_op("gelu", {"x": x, "mode": "TANH_APPROXIMATION"})
+    assert got.dtype == f32
+    ref = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-7)
+    with pytest.raises(MILError, match="gelu mode 'EXACT'"):
+        run_op("gelu", {"x": x, "mode": "EXACT"})
+
+
+def test_pad_constant_on_the_last_axes_and_other_modes_refused():
+    x = np.arange(6, dtype=f32).reshape(1, 2, 3)
+    got = run_op("pad", {"x": x, "pad": np.array([1, 0, 0, 2], np.int32), "mode": "constant", "constant_val": f32(0)})
+    np.testing.assert_array_equal(got, torch.nn.functional.pad(torch.from_numpy(x), (0, 2, 1, 0)).numpy())
+    assert got.dtype == f32
+    with pytest.raises(MILError, match="reflect"):
+        run_op("pad", {"x": x, "pad": np.array([1, 1], np.int32), "mode": "reflect"})
+    with pytest.raises(MILError, match="does not fit"):
+        run_op("pad", {"x": x, "pad": np.array([1, 1, 1], np.int32)})
+
+
 def test_epsilon_ops_use_their_own_epsilon_exactly():
     x = np.array([1e-4, 1.0, 100.0], f32)
     np.testing.assert_array_equal(run_op("inverse", {"x": x, "epsilon": f32(1e-4)}), f32(1) / (x + f32(1e-4)))

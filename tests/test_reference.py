@@ -2,6 +2,7 @@
 transformers + PEFT result, on tiny checkpoints saved by transformers itself (tied and untied heads)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import weakref
@@ -12,7 +13,7 @@ import torch
 
 from exporter.weights import open_weights
 from graphs.config import LoraConfig
-from helpers import make_hf_checkpoint, tiny_spec
+from helpers import TINY_FAMILY_SPECS, make_hf_checkpoint
 from runtime_harness import reference as R
 from runtime_harness.verify import nonzero_adapter, seeded_batch
 
@@ -29,9 +30,14 @@ def _manifest(spec, folder) -> dict:
             "state": state, "batch": 2, "seq_len": 16}
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+# every family (tied, as their small models are), and Qwen2 untied as well
+CASES = [(family, True) for family in TINY_FAMILY_SPECS] + [("qwen2", False)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in CASES])
 def case(request, tmp_path_factory):
-    spec = tiny_spec(tie_word_embeddings=request.param, num_layers=3)
+    family, tied = request.param
+    spec = dataclasses.replace(TINY_FAMILY_SPECS[family], tie_word_embeddings=tied)
     folder = tmp_path_factory.mktemp("ckpt")
     make_hf_checkpoint(spec, folder, seed=2)
     manifest = _manifest(spec, folder)
@@ -47,7 +53,7 @@ def test_layerwise_equals_whole_model_transformers_peft(case, monkeypatch):
     loss, grads = R.layerwise_loss_and_grads(manifest, weights, adapter, ids, labels)
     model = R.peft_model(R.whole_model(manifest, weights, torch.float64), manifest, adapter)
     ref_loss, ref = R.whole_model_loss_and_grads(model, ids, labels)
-    assert set(grads) == set(ref) and len(ref) == 3 * 14
+    assert set(grads) == set(ref) and len(ref) == weights.spec.num_layers * 14
     assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     for name in ref:
         assert grads[name].dtype == np.float64
@@ -84,4 +90,4 @@ def test_one_decoder_layer_at_a_time(case, monkeypatch):
 
     monkeypatch.setattr(R.Architecture, "layer", tracked)
     R.layerwise_loss_and_grads(manifest, weights, adapter, ids, labels)
-    assert len(most) == 2 * 3 and max(most) == 0  # forward and backward build each layer; none outlives its use
+    assert len(most) == 2 * weights.spec.num_layers and max(most) == 0  # forward and backward build each layer; none outlives its use

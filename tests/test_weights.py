@@ -61,3 +61,47 @@ def test_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(WeightsError, match="no \\*.safetensors"):
         open_weights(str(tmp_path), tiny_spec())
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_multimodal_checkpoint_reads_the_text_model_under_its_prefix(family_checkpoint, tmp_path, prefix):
+    """Gemma-3-4b is published as Gemma3ForConditionalGeneration: config.json nests the text config, and the
+    text model's tensors sit under `language_model.model.` (the hub's layout; transformers 5 writes
+    `model.language_model.`). The loader reads the same tensors as from a plain text checkpoint."""
+    from exporter.registry import spec_from_hf_config
+
+    text_folder = family_checkpoint("gemma3")
+    text_config = json.loads((text_folder / "config.json").read_text())
+    state = load_file(str(text_folder / "model.safetensors"))
+    folder = tmp_path / "wrapped"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text_config,
+                                                    "vision_config": {}, "tie_word_embeddings": True}))
+    save_file({prefix + k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+              str(folder / "model.safetensors"))
+    spec = spec_from_hf_config(json.loads((folder / "config.json").read_text()), "wrapped", None)
+    assert spec.family == "gemma3" and spec.checkpoint_prefix == "language_model.model."
+    weights = open_weights(str(folder), spec)
+    plain = open_weights(str(text_folder), spec_from_hf_config(text_config, "plain", None))
+    for i in range(spec.num_layers):
+        for name, t in weights.layer(i).items():
+            assert torch.equal(t, plain.layer(i)[name]), name
+    assert torch.equal(weights.tensor("model.embed_tokens.weight"), plain.tensor("model.embed_tokens.weight"))
+    assert torch.equal(weights.tensor("model.norm.weight"), plain.tensor("model.norm.weight"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_random_norms_are_the_identity_in_each_family_style(family):
+    """transformers initialises RMSNorm weights so that the norm scales by 1: w = 1, or w = 0 where the
+    family uses (1 + w) (Gemma); q/k norms included."""
+    from graphs.family import get_family
+    from helpers import TINY_FAMILY_SPECS
+
+    spec = TINY_FAMILY_SPECS[family]
+    fam = get_family(family)
+    weights = RandomWeights(spec, seed=1)
+    layer = weights.layer(0)
+    for name in fam.norms.values():
+        assert torch.equal(layer[name] + fam.norm_offset, torch.ones_like(layer[name])), name
+    assert torch.equal(weights.tensor("model.norm.weight") + fam.norm_offset, torch.ones(spec.hidden_size))
+    assert layer["self_attn.q_proj.weight"].std() > 0.01

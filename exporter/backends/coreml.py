@@ -139,9 +139,20 @@ def where_fill_to_masked_fill(exported: torch.export.ExportedProgram) -> int:
     return count
 
 
+def _gelu_decompositions() -> dict:
+    """aten.gelu as elementary ops (torch's own decomposition: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    for approximate="tanh"). coremltools reads gelu's `approximate` only as a positional input, but
+    torch.export passes it as a keyword, so the converter silently emits the EXACT (erf) gelu: GeGLU's
+    tanh gelu would be wrong by up to ~1e-3."""
+    from torch._decomp import decomposition_table
+
+    return {torch.ops.aten.gelu.default: decomposition_table[torch.ops.aten.gelu.default]}
+
+
 def export(graph: GraphDef) -> torch.export.ExportedProgram:
-    """The graph as the converter takes it: torch.export, ATen ops, `where_fill_to_masked_fill`."""
-    exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions({})
+    """The graph as the converter takes it: torch.export, ATen ops (gelu decomposed),
+    `where_fill_to_masked_fill`."""
+    exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions(_gelu_decompositions())
     where_fill_to_masked_fill(exported)
     return exported
 
@@ -194,7 +205,7 @@ class CoreMLBackend(Backend):
                 for g in graphs]
 
     def __init__(self, interpreter: bool | None = None):
-        self._template: tuple | None = None
+        self._templates: dict = {}  # make (one per layer kind and build) -> LayerTemplate or None
         #: True: the NumPy MIL interpreter; False: the Core ML framework; None: the framework on macOS,
         #: the interpreter elsewhere.
         self.interpreter = sys.platform != "darwin" if interpreter is None else interpreter
@@ -202,9 +213,9 @@ class CoreMLBackend(Backend):
     def lower_baked(self, program: str, make, weights: dict, out_dir: Path) -> list[LoweredGraph]:
         """A layer program: converted once per `make` (see `LayerTemplate`), then each layer's package is the
         template's with that layer's weight bytes; where the template cannot prove that, converted directly."""
-        if self._template is None or self._template[0] is not make:
-            self._template = (make, LayerTemplate.create(self, make, weights))
-        template = self._template[1]
+        if make not in self._templates:  # one template per layer kind (e.g. Gemma's sliding and full layers)
+            self._templates[make] = LayerTemplate.create(self, make, weights)
+        template = self._templates[make]
         if template is None:
             return self.lower(program, make(weights), out_dir)
         return template.write(program, weights, out_dir)

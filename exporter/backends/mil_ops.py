@@ -73,6 +73,28 @@ def silu(x):
     return _keep(x, x * sigmoid(x))
 
 
+def gelu(x, mode="EXACT"):
+    """Core ML's gelu: TANH_APPROXIMATION 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (GeGLU's
+    gelu_pytorch_tanh); the other modes are refused rather than guessed."""
+    x = _f(x)
+    if str(mode) != "TANH_APPROXIMATION":
+        raise MILError(f"gelu mode {mode!r} is not implemented by the NumPy interpreter")
+    c = x.dtype.type(np.sqrt(2 / np.pi))
+    with np.errstate(over="ignore"):
+        return _keep(x, x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x))))
+
+
+def pad(x, pad, mode="constant", constant_val=0.0):
+    """Core ML's pad: `pad` holds (before, after) pairs for the last len(pad) / 2 axes; constant mode only."""
+    x, pad = _f(x), np.asarray(pad).astype(np.int64).reshape(-1)
+    if str(mode) != "constant":
+        raise MILError(f"pad mode {mode!r} is not implemented by the NumPy interpreter")
+    if pad.size % 2 or pad.size // 2 > x.ndim or (pad < 0).any():
+        raise MILError(f"pad {pad.tolist()} does not fit a rank-{x.ndim} tensor")
+    widths = [(0, 0)] * (x.ndim - pad.size // 2) + [tuple(p) for p in pad.reshape(-1, 2)]
+    return _keep(x, np.pad(x, widths, constant_values=x.dtype.type(constant_val)))
+
+
 def clip(x, alpha, beta):
     x = _f(x)
     return _keep(x, np.minimum(np.maximum(x, alpha), beta))
@@ -272,7 +294,7 @@ OPS: dict[str, Callable] = {
     "sqrt": _unary(np.sqrt), "tanh": _unary(np.tanh),
     "inverse": _with_epsilon(lambda x: 1 / x, 1e-4), "rsqrt": _with_epsilon(lambda x: 1 / np.sqrt(x), 1e-12),
     "log": _with_epsilon(np.log, 1e-45),
-    "sigmoid": sigmoid, "silu": silu, "clip": clip, "cast": cast,
+    "sigmoid": sigmoid, "silu": silu, "gelu": gelu, "pad": pad, "clip": clip, "cast": cast,
     # reductions
     "reduce_sum": _reduce(np.sum), "reduce_mean": _reduce(np.mean), "reduce_max": _reduce(np.max),
     "reduce_min": _reduce(np.min), "reduce_prod": _reduce(np.prod), "softmax": softmax,
