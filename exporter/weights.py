@@ -33,6 +33,8 @@ TEXT_PREFIX = "model."  # the canonical prefix of the text model's tensors
 # Where multimodal checkpoints keep the text model: the hub's layout (transformers < 4.52) and the one
 # transformers 5 writes. The spec's `checkpoint_prefix` is tried first.
 WRAPPER_PREFIXES = ("language_model.model.", "model.language_model.")
+# where an untied LM head sits beside a wrapped text model (transformers 5 keeps `lm_head.weight`)
+_HEAD_PREFIX = {"language_model.model.": "language_model."}
 INIT_STD = 0.02
 _RANDOM_BLOCK_ROWS = 4096
 
@@ -70,11 +72,12 @@ class WeightSource:
         prefix = LAYER_PREFIX.format(index)
         return {name: self.tensor(prefix + name) for name in self.spec.layer_weight_shapes()}
 
-    def norm_names(self) -> set[str]:
-        """Canonical names of the RMSNorm weights a layer (and the final norm) has."""
+    @property
+    def family(self):
+        """The spec's `graphs.family.Family` (which norms a layer has, and their style)."""
         from graphs.family import get_family
 
-        return set(get_family(self.spec.family).norms.values())
+        return get_family(self.spec.family)
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
         spec = self.spec
@@ -144,11 +147,9 @@ class CheckpointWeights(WeightSource):
     def stored_name(self, name: str) -> str:
         """A canonical tensor name as this checkpoint stores it: `model.` -> the text model's prefix, and
         `lm_head.weight` beside it (`language_model.lm_head.weight` in a hub Gemma-3-4b checkpoint)."""
-        if self.prefix == TEXT_PREFIX:
-            return name
         if name.startswith(TEXT_PREFIX):
             return self.prefix + name[len(TEXT_PREFIX):]
-        return self.prefix.removesuffix(TEXT_PREFIX) + name if self.prefix.endswith(TEXT_PREFIX) else name
+        return _HEAD_PREFIX.get(self.prefix, "") + name
 
     def content_sha256(self) -> str:
         """sha256 over the checkpoint's safetensors files that hold the model's tensors: for each file, in
@@ -238,16 +239,11 @@ class RandomWeights(WeightSource):
         shape = self.expected_shape(name)
         if name in (EMBEDDING, LM_HEAD):
             return self.rows(name, 0, shape[0])
-        if name == FINAL_NORM or name.split(".", 3)[-1] in self.norm_names():
-            return torch.full(shape, 1.0 - self._norm_offset())  # the effective weight (w + offset) is 1
+        if name == FINAL_NORM or name.split(".", 3)[-1] in self.family.norms.values():
+            return torch.full(shape, 1.0 - self.family.norm_offset)  # the effective weight (w + offset) is 1
         if name.endswith(".bias"):
             return torch.zeros(shape)
         return torch.randn(shape, generator=self._generator(name)) * INIT_STD
-
-    def _norm_offset(self) -> float:
-        from graphs.family import get_family
-
-        return get_family(self.spec.family).norm_offset
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         vocab, hidden = self.expected_shape(name)

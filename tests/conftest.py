@@ -1,8 +1,18 @@
-"""Shared fixtures: pinned seeds and a tiny Qwen2 checkpoint saved by `transformers` itself."""
+"""Shared fixtures: pinned seeds, tiny checkpoints saved by `transformers` itself, and tiny bundles.
+
+The suite runs on two pytest-xdist workers (pyproject: `-n 2 --dist loadgroup`). Session artifacts
+(checkpoints, bundles) are made once per run, not once per worker: `made_once` builds them in a folder
+every worker sees, under a file lock. Modules whose own fixtures are costly stay on one worker (an
+xdist group per module); the modules in `SPREAD`, which use only the shared artifacts, are spread test
+by test over both workers.
+"""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -23,71 +33,102 @@ def hermetic_cache(tmp_path_factory):
         yield
 
 
+SPREAD = {"test_family_bundles", "test_harness", "test_graphs_math", "test_whole_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_per_worker():
+    """Two xdist workers share the two cores: one intra-op thread each (no oversubscription)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the run's base temp); the session's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(path: Path, make: Callable[[Path], None]) -> Path:
+    """`make(path)` unless another worker (or an earlier call) already made it; concurrent callers wait."""
+    from filelock import FileLock
+
+    done = path.with_name(path.name + ".done")
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a half-made one from an interrupted run
+            make(path)
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shared_dir) -> Path:
     """A 2-layer GQA Qwen2 with tied embeddings, saved with `save_pretrained` (safetensors)."""
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    make_hf_checkpoint(tiny_spec(), folder, seed=0)
-    return folder
+    return made_once(shared_dir / "tiny-qwen2", lambda folder: make_hf_checkpoint(tiny_spec(), folder, seed=0))
 
 
 @pytest.fixture(scope="session")
-def chat_checkpoint(tmp_path_factory) -> Path:
+def chat_checkpoint(shared_dir) -> Path:
     """The tiny Qwen2 with its (tied) embedding scaled by 8 and a ChatML byte-level tokenizer beside it.
 
     At the 0.02 initialization the logits RMSNorm(x) E^T stay within about +-1.3, so no adapter can take
     the loss far below log(vocab); scaled, the model can learn a tiny chat set in a few dozen steps."""
     from helpers import make_chat_tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-qwen2-chat")
-    model = make_hf_checkpoint(tiny_spec(), folder, seed=0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    make_chat_tokenizer(folder)
-    return folder
+    def make(folder: Path) -> None:
+        model = make_hf_checkpoint(tiny_spec(), folder, seed=0)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(8.0)
+        model.save_pretrained(str(folder), safe_serialization=True)
+        make_chat_tokenizer(folder)
+    return made_once(shared_dir / "tiny-qwen2-chat", make)
 
 
 @pytest.fixture(scope="session")
-def family_checkpoint(tmp_path_factory, tiny_checkpoint):
+def family_checkpoint(shared_dir, tiny_checkpoint):
     """family -> the tiny checkpoint of that family (tests/helpers.TINY_FAMILY_SPECS), saved by transformers
-    with perturbed norms and biases; Qwen2's is `tiny_checkpoint`. Made once per session."""
+    with perturbed norms and biases; Qwen2's is `tiny_checkpoint`. Made once per run."""
     from helpers import TINY_FAMILY_SPECS
 
-    made = {"qwen2": tiny_checkpoint}
-
     def get(family: str) -> Path:
-        if family not in made:
-            made[family] = tmp_path_factory.mktemp(f"tiny-{family}")
-            make_hf_checkpoint(TINY_FAMILY_SPECS[family], made[family], seed=0)
-        return made[family]
+        if family == "qwen2":
+            return tiny_checkpoint
+        return made_once(shared_dir / f"tiny-{family}",
+                         lambda folder: make_hf_checkpoint(TINY_FAMILY_SPECS[family], folder, seed=0))
     return get
 
 
 @pytest.fixture(scope="session")
-def tiny_bundles(family_checkpoint, tmp_path_factory):
+def tiny_bundles(family_checkpoint, shared_dir):
     """(family, backend) -> that family's tiny checkpoint (no tokenizer: bytes) built for the backend,
-    sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per session."""
+    sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per run. Tests read them;
+    one that changes a bundle works on a copy."""
     from exporter.build import Reporter, build
     from exporter.cache import ArtifactCache
     from exporter.config import BuildConfig
     from graphs.config import LoraConfig
 
-    built: dict[tuple[str, str], Path] = {}
-
     def get(family: str, backend: str) -> Path:
-        if (family, backend) not in built:
-            out = tmp_path_factory.mktemp("bundles") / f"tiny-{family}-{backend}"
-            cache = ArtifactCache(tmp_path_factory.getbasetemp() / "artifact-cache")
+        def make(out: Path) -> None:
             build(BuildConfig(model=str(family_checkpoint(family)), backend=backend, out=out,
-                              lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128), Reporter(progress=False), cache)
-            built[family, backend] = out
-        return built[family, backend]
+                              lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128), Reporter(progress=False),
+                  ArtifactCache(shared_dir / "artifact-cache"))
+        return made_once(shared_dir / f"tiny-{family}-{backend}", make)
     return get
 
 
