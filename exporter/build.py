@@ -31,7 +31,7 @@ from exporter import adapter as adapter_io
 from exporter import outputs
 from exporter import graph_defs as gd
 from exporter import integrity
-from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES
+from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES, weight_format
 from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.budget import check_fits
@@ -42,6 +42,7 @@ from exporter.manifest import validate as validate_manifest
 from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
                               resolve_checkpoint_folder)
+from graphs import quant
 from graphs.config import ModelSpec
 
 
@@ -76,9 +77,11 @@ def resolve(config: BuildConfig) -> Resolved:
         out = outputs.resolve_out(config.out or default_out(spec.name, config.backend))
         outputs.check_creatable(out)
         outputs.check_replaceable(out)
+        fmt = quant.QuantFormat.make(config.quant, config.quant_group_size)
         shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
-                               config.mlp_blocks)
+                               config.mlp_blocks, fmt)
         check_trainable(shapes)
+        check_quantizable(shapes)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
         if weights_source is None:
             raise BuildError(f"{spec.name} names no checkpoint; pass --weights PATH or --weights random")
@@ -101,6 +104,17 @@ def check_trainable(shapes: gd.StepShapes) -> None:
         raise ValueError(f"--mlp-blocks {shapes.mlp_blocks} is larger than the MLP's {spec.intermediate_size} "
                          f"channels")
     check_fits(shapes)
+
+
+def check_quantizable(shapes: gd.StepShapes) -> None:
+    """Refuse (ValueError, one line) a quantization whose groups do not tile every quantized matrix."""
+    if shapes.quant is None:
+        return
+    spec = shapes.spec
+    for name, shape in spec.layer_weight_shapes().items():
+        if quant.is_quantized_matrix(name, shape):
+            shapes.quant.check(name, shape)
+    shapes.quant.check("the embedding", (spec.vocab_size, spec.hidden_size))
 
 
 def _check_positions(seq_len: int, spec: ModelSpec, folder: Path | None) -> None:
@@ -156,16 +170,25 @@ def _programs(r: Resolved, backend) -> list[tuple[Program, list[gd.GraphDef] | N
     return programs
 
 
+def stored_layer(r: Resolved, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's frozen tensors as the bundle stores them (`graphs.quant.stored_tensors`)."""
+    return quant.quantize_layer(r.weights.layer(i), r.shapes.quant)
+
+
+def _quant_key(s: gd.StepShapes) -> dict | None:
+    return None if s.quant is None else s.quant.to_dict()
+
+
 def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> None:
     s = r.shapes
     (stage / "weights").mkdir(parents=True)
-    base_key = {"weights": r.weights.identity(), "spec": s.spec.to_dict()}
+    base_key = {"weights": r.weights.identity(), "spec": s.spec.to_dict(), "quant": _quant_key(s)}
     layers = [] if backend.weights_in_graphs else list(range(s.spec.num_layers))
     for i in progress(layers, "weights", "layers", say.mode, leave=False):
         key = cache.key({**base_key, "layer": i})
         target = stage / sched.layer_file(i)
         if not cache.fetch_file(key, target):
-            save_file(r.weights.layer(i), str(target))
+            save_file(stored_layer(r, i), str(target))
             cache.store_file(key, target)
     rows, count = s.chunk_rows, s.num_chunks
     head_names = [("weights/embedding.safetensors", "model.embed_tokens.weight")]
@@ -175,14 +198,28 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
         key = cache.key({**base_key, "matrix": name, "rows": rows * count})
         target = stage / rel
         if not cache.fetch_file(key, target):
-            padded = torch.zeros(rows * count, s.spec.hidden_size)
-            step = 16384
-            for start in range(0, s.spec.vocab_size, step):
-                stop = min(start + step, s.spec.vocab_size)
-                padded[start:stop] = r.weights.rows(name, start, stop)
-            save_file({"weight": padded}, str(target))
+            save_file(_padded_matrix(r, name, rows * count), str(target))
             cache.store_file(key, target)
     save_file({"weight": r.weights.tensor(FINAL_NORM)}, str(stage / sched.FINAL_NORM_FILE))
+
+
+def _padded_matrix(r: Resolved, name: str, padded_rows: int) -> dict[str, torch.Tensor]:
+    """The embedding / LM head zero-padded to whole vocabulary chunks, as stored (`StepShapes.matrix_stored`):
+    read and quantized 16384 rows at a time (quantization is row-independent)."""
+    s = r.shapes
+    out = {n: torch.zeros(shape, dtype=getattr(torch, dtype))
+           for n, (shape, dtype) in s.matrix_stored(padded_rows).items()}
+    step = 16384
+    for start in range(0, padded_rows, step):
+        stop = min(start + step, padded_rows)
+        block = torch.zeros(stop - start, s.spec.hidden_size)
+        if start < s.spec.vocab_size:
+            real = min(stop, s.spec.vocab_size)
+            block[:real - start] = r.weights.rows(name, start, real)
+        parts = {"weight": block} if s.quant is None else quant.quantize(block, s.quant)
+        for n, t in parts.items():
+            out[n][start:stop] = t
+    return out
 
 
 def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> dict[str, dict]:
@@ -203,7 +240,7 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
         if lowered is None:
             t0 = time.time()
             if baked:
-                weights = r.weights.layer(program.layer)
+                weights = stored_layer(r, program.layer)
                 lowered = [g.to_dict() | {"id": g.id}
                            for g in backend.lower_baked(program.name, makers[program.attention], weights, stage)]
                 for g in lowered:
@@ -225,7 +262,7 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
 
 def _program_settings(s: gd.StepShapes, program: Program) -> dict:
     """What determines a program's graphs (so that changing e.g. the method re-lowers only the layer program)."""
-    common = {"tokens": s.tokens, "hidden": s.spec.hidden_size}
+    common = {"tokens": s.tokens, "hidden": s.spec.hidden_size, "quant": _quant_key(s)}
     fam = s.family
     if program.role == "embed":
         return {**common, "chunk_rows": s.chunk_rows, "scale_embedding": fam.scale_embedding}
@@ -233,9 +270,9 @@ def _program_settings(s: gd.StepShapes, program: Program) -> dict:
         return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps,
                 "norm_offset": fam.norm_offset}
     if program.role == "optimizer":
-        return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}
+        return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}  # (no frozen weights)
     return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks,
-            "attention": program.attention}
+            "attention": program.attention, "quant": _quant_key(s)}
 
 
 def _copy_tokenizer(r: Resolved, stage: Path) -> bool:
@@ -366,7 +403,8 @@ def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules
         "vocab_chunk": {"rows": s.chunk_rows, "count": s.num_chunks},
         "weights": {"source": r.weights.description, "sha256": r.weights.content_sha256(),
                     "layers_in_graphs": backend.weights_in_graphs,
-                    "embedding_padded_rows": s.chunk_rows * s.num_chunks},
+                    "embedding_padded_rows": s.chunk_rows * s.num_chunks,
+                    **({} if s.quant is None else {"format": weight_format(s.quant)})},
         "adapter": ADAPTER_DIR,
         "tokenizer": TOKENIZER_DIR if has_tokenizer else None,
         "graphs": graphs,

@@ -25,7 +25,25 @@ def layer_file(i: int) -> str:
 
 
 # tensor dtypes: manifest name -> bytes per element
-DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "float16": 2, "uint8": 1}
+
+
+def weight_format(fmt) -> dict:
+    """The manifest's `weights.format` of a quantized bundle (`graphs.quant.QuantFormat`): enough for an app
+    or another runtime to read the weight files (README, "Quantized weights")."""
+    return {
+        "scheme": fmt.scheme, "bits": fmt.bits, "group_size": fmt.group_size,
+        "quantized": ["every layer's *_proj.weight, stored as <module>.qweight / .scales / .zeros",
+                      "the embedding (and an untied LM head), stored as qweight / scales / zeros"],
+        "qweight": {"dtype": "uint8", "shape": "(out, in * bits / 8)",
+                    "packing": "one code per byte" if fmt.bits == 8 else
+                               "two codes per byte along the input dimension, low nibble first: "
+                               "q[o, 2i] = b[o, i] & 15, q[o, 2i + 1] = b[o, i] >> 4"},
+        "scales": {"dtype": "float32", "shape": "(out, in / group)"},
+        "zeros": {"dtype": "uint8", "shape": "(out, in / group)"},
+        "group": "group_size consecutive input columns share a scale and a zero point (0: the whole row)",
+        "dequantize": "w[o, i] = (q[o, i] - zeros[o, i // group]) * scales[o, i // group], in float32",
+    }
 
 
 # store names (the app's tensor store; exporter.schedule lists them all)

@@ -43,7 +43,7 @@ def _defaults() -> dict:
     b, lora = BuildConfig(), LoraConfig()
     return {"seq_len": lora.seq_len, "rank": lora.rank, "alpha": lora.alpha, "targets": ",".join(lora.targets),
             "optimizer": b.optimizer, "method": b.method, "vocab_chunk_rows": b.vocab_chunk_rows,
-            "mlp_blocks": b.mlp_blocks, "seed": b.seed}
+            "mlp_blocks": b.mlp_blocks, "seed": b.seed, "quant": b.quant}
 
 
 def _human(n: float | None) -> str:
@@ -58,6 +58,7 @@ def _human(n: float | None) -> str:
 def parser() -> argparse.ArgumentParser:
     from exporter.backends import BACKEND_NAMES
     from exporter.graph_defs import METHODS, OPTIMIZERS
+    from graphs.quant import DEFAULT_GROUP_SIZE, SCHEMES
 
     p = _Parser(prog="python -m exporter", description="Export LLMs into on-device LoRA training bundles.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"MLP channel blocks inside the structured backward (default: {d['mlp_blocks']})")
     b.add_argument("--seed", type=count, metavar="N",
                    help=f"seed of random weights and of the initial adapter (default: {d['seed']})")
+    b.add_argument("--quant", choices=SCHEMES,
+                   help=f"frozen weights: none (float32, exact against the checkpoint), int8 or int4 "
+                        f"(asymmetric codes, dequantized as (q - z) * s inside the graphs) (default: {d['quant']})")
+    b.add_argument("--quant-group-size", type=count, metavar="N",
+                   help=f"input columns per scale and zero point; 0: one group per row (default: "
+                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_GROUP_SIZE.items())})")
     b.add_argument("--no-cache", action="store_true", help="re-trace and re-lower everything")
     b.add_argument("--quiet", action="store_true", help="no progress (default: a bar on a terminal, a line "
                    "every few seconds in logs)")
@@ -106,7 +113,8 @@ def build_config(args: argparse.Namespace):
     if args.lora_targets is not None:
         lora_kw["targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     kw = {k: getattr(args, k) for k in ("model", "backend", "out", "weights", "optimizer", "method",
-                                         "vocab_chunk_rows", "mlp_blocks", "seed") if getattr(args, k) is not None}
+                                         "vocab_chunk_rows", "mlp_blocks", "seed", "quant", "quant_group_size")
+          if getattr(args, k) is not None}
     return BuildConfig(lora=LoraConfig(**lora_kw), **kw)
 
 
@@ -143,6 +151,9 @@ def summary(m: dict, bundle: Path) -> str:
     lines = [f"bundle {bundle}: {m['model']['name']} / {m['backend']} / {m['method']} / {m['optimizer']['name']}, "
              f"seq {m['seq_len']}, batch {m['batch']}, LoRA rank {m['lora']['rank']} on {','.join(m['lora']['targets'])} "
              f"({m['lora']['trainable_parameters']:,} trainable)"]
+    fmt = m["weights"].get("format")
+    lines[0] += ", frozen weights " + ("float32" if fmt is None else
+                                       f"{fmt['scheme']} (group size {fmt['group_size'] or 'one per row'})")
     if "build_seconds" in m:
         lines[0] += f", built in {m['build_seconds']:.1f}s"
     files = m["files"]

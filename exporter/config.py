@@ -20,6 +20,9 @@ class BuildConfig:
     vocab_chunk_rows: int = VOCAB_CHUNK_ROWS  # embedding/LM-head rows per call (an upper bound)
     mlp_blocks: int = MLP_BLOCKS  # MLP channel blocks in the structured backward
     seed: int = 0  # random weights and the initial adapter
+    quant: str = "none"  # frozen weights: none (float32, exact), int8 or int4 (graphs.quant)
+    quant_group_size: int | None = None  # input columns per scale; None: the scheme's default
+                                         # (graphs.quant.DEFAULT_GROUP_SIZE: int4 64, int8 0 = per row)
 
 
 def default_out(model_name: str, backend: str) -> Path:

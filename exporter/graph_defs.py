@@ -17,6 +17,12 @@ kind; ExecuTorch and ONNX Runtime) or constants baked into the graph when given 
 per layer). A layer graph is built for one attention kind (`spec.layer_types`: full or sliding), which
 fixes its RoPE and mask; a model with both kinds has a layer program per kind.
 Tensor names inside a layer use Hugging Face names with '.' replaced by '_' (`ident`).
+
+Quantized weights (`StepShapes.quant`, see `graphs.quant`): each projection matrix is three tensors
+`<module>_qweight` (uint8 codes), `<module>_scales`, `<module>_zeros` instead of `<module>_weight`, and
+the embedding / LM-head chunk `weight` becomes `weight_qweight`, `weight_scales`, `weight_zeros`. The
+graphs dequantize only the rows or columns each block reads (`graphs.quant.QuantizedWeight`); the loss
+head dequantizes its chunk `HEAD_DEQUANT_ROWS` rows at a time (online softmax over the sub-blocks).
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import torch
 from graphs import head as head_math
 from graphs import optim as optim_math
 from graphs import layer as layer_math
+from graphs import quant
 from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
 from graphs.family import Family, get_family
 
 Tensor = torch.Tensor
 METHODS = ("mesp", "mebp")
 OPTIMIZERS = ("sgd", "adamw")
+HEAD_DEQUANT_ROWS = 2048  # quantized LM-head rows dequantized at once inside a head_chunk call
 
 
 def ident(name: str) -> str:
@@ -49,6 +57,8 @@ class TensorSpec:
     def example(self) -> Tensor:
         if self.dtype == "int64":
             return torch.zeros(self.shape, dtype=torch.int64)
+        if self.dtype == "uint8":
+            return torch.randint(0, 256, self.shape, dtype=torch.uint8)
         return torch.randn(self.shape, dtype=torch.float32) * 0.02
 
     def to_dict(self) -> dict:
@@ -82,6 +92,7 @@ class StepShapes:
     optimizer: str = "sgd"
     vocab_chunk_rows: int = VOCAB_CHUNK_ROWS
     mlp_blocks: int = MLP_BLOCKS
+    quant: quant.QuantFormat | None = None  # None: float32 frozen weights
 
     @property
     def chunk_rows(self) -> int:
@@ -102,31 +113,56 @@ class StepShapes:
     def lora_names(self) -> list[str]:
         return list(self.lora.layer_lora_shapes(self.spec))
 
+    def layer_stored(self) -> dict[str, tuple[tuple, str]]:
+        """A layer's frozen tensors as the bundle stores them: name -> (shape, dtype)."""
+        return quant.stored_tensors(self.spec.layer_weight_shapes(), self.quant)
+
+    def matrix_stored(self, rows: int) -> dict[str, tuple[tuple, str]]:
+        """An embedding / LM-head block of `rows` rows as stored: {"weight"} or {"qweight", "scales", "zeros"}."""
+        shape = (rows, self.spec.hidden_size)
+        if self.quant is None:
+            return {"weight": (shape, "float32")}
+        return self.quant.stored_shapes(shape)
+
     @property
     def family(self) -> Family:
         return get_family(self.spec.family)
 
 
 class _WeightsMixin(torch.nn.Module):
-    """Holds frozen layer weights as buffers (constants) or expects them as inputs."""
+    """Holds a layer's frozen tensors as buffers (constants) or expects them as inputs; either way as the
+    bundle stores them (`StepShapes.layer_stored`), assembled into the layer math's weights by `split`."""
 
     def __init__(self, shapes: StepShapes, weights: dict[str, Tensor] | None, attention: str | None = None):
         super().__init__()
         self.shapes = shapes
         self.attention = shapes.spec.attention_kind(attention)
-        self.weight_names = list(shapes.spec.layer_weight_shapes())
+        self.weight_shapes = shapes.spec.layer_weight_shapes()
+        self.stored_names = list(shapes.layer_stored())
         self.baked = weights is not None
         if self.baked:
-            for name in self.weight_names:
+            for name in self.stored_names:
                 self.register_buffer(ident(name), weights[name].contiguous(), persistent=True)
 
-    def split(self, args: tuple[Tensor, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """args = ([weights if not baked], lora...) -> (weights, lora) dicts by Hugging Face name."""
+    def split(self, args: tuple[Tensor, ...]) -> tuple[dict, dict[str, Tensor]]:
+        """args = ([stored weights if not baked], lora...) -> (weights, lora) dicts by Hugging Face name; a
+        quantized matrix is a `graphs.quant.QuantizedWeight`."""
         if self.baked:
-            weights = {n: getattr(self, ident(n)) for n in self.weight_names}
+            stored = {n: getattr(self, ident(n)) for n in self.stored_names}
         else:
-            weights, args = dict(zip(self.weight_names, args[:len(self.weight_names)])), args[len(self.weight_names):]
+            stored, args = dict(zip(self.stored_names, args[:len(self.stored_names)])), args[len(self.stored_names):]
+        weights = quant.assemble(stored, list(self.weight_shapes), self.weight_shapes, self.shapes.quant)
+        if self.baked:  # constants: each matrix dequantized whole by one op that a converter can keep compressed
+            from exporter.quant_op import dequantize
+
+            weights = {n: dequantize(w.qweight, w.scales, w.zeros, w.fmt.bits)
+                       if isinstance(w, quant.QuantizedWeight) else w for n, w in weights.items()}
         return weights, dict(zip(self.shapes.lora_names(), args))
+
+
+def _matrix(parts: tuple[Tensor, ...], fmt: quant.QuantFormat | None):
+    """An embedding / LM-head chunk from its graph inputs: the float rows, or a QuantizedWeight."""
+    return parts[0] if fmt is None else quant.QuantizedWeight(*parts, fmt)
 
 
 class EmbedChunk(torch.nn.Module):
@@ -136,9 +172,11 @@ class EmbedChunk(torch.nn.Module):
     def __init__(self, shapes: StepShapes):
         super().__init__()
         self.scale_hidden = shapes.spec.hidden_size if shapes.family.scale_embedding else None
+        self.fmt = shapes.quant
 
-    def forward(self, input_ids, weight, offset, acc):
-        return (head_math.embed_chunk(input_ids, weight, offset, acc, self.scale_hidden),)
+    def forward(self, input_ids, *rest):  # (input_ids, weight..., offset, acc)
+        *weight, offset, acc = rest
+        return (head_math.embed_chunk(input_ids, _matrix(weight, self.fmt), offset, acc, self.scale_hidden),)
 
 
 class LayerForward(_WeightsMixin):
@@ -194,14 +232,27 @@ class AutodiffTraced(torch.nn.Module):
 
 
 class HeadChunk(torch.nn.Module):
+    """One vocabulary chunk of the online-softmax loss head; a quantized chunk is dequantized and folded in
+    `HEAD_DEQUANT_ROWS` rows at a time (the same online-softmax step per sub-block)."""
+
     def __init__(self, shapes: StepShapes):
         super().__init__()
         self.eps, self.vocab = shapes.spec.rms_norm_eps, shapes.spec.vocab_size
         self.norm_offset = shapes.family.norm_offset
+        self.fmt = shapes.quant
 
-    def forward(self, x, norm_weight, labels, weight, offset, mu, s, P, T):
-        return head_math.head_chunk(x, norm_weight, labels, weight, offset, mu, s, P, T, self.eps, self.vocab,
-                                    self.norm_offset)
+    def forward(self, x, norm_weight, labels, *rest):  # (x, norm_weight, labels, weight..., offset, mu, s, P, T)
+        *weight, offset, mu, s, P, T = rest
+        w = _matrix(weight, self.fmt)
+        state = (mu, s, P, T)
+        if self.fmt is None:
+            blocks = [(0, w)]
+        else:
+            blocks = [(start, w[start:start + HEAD_DEQUANT_ROWS]) for start in range(0, w.shape[0], HEAD_DEQUANT_ROWS)]
+        for start, rows in blocks:
+            state = head_math.head_chunk(x, norm_weight, labels, rows, offset + start if start else offset, *state,
+                                         self.eps, self.vocab, self.norm_offset)
+        return state
 
 
 class HeadFinish(torch.nn.Module):
@@ -236,7 +287,18 @@ class AdamWUpdate(torch.nn.Module):
 
 
 def layer_weight_inputs(shapes: StepShapes) -> list[TensorSpec]:
-    return [TensorSpec(ident(n), s) for n, s in shapes.spec.layer_weight_shapes().items()]
+    return [TensorSpec(ident(n), shape, dtype) for n, (shape, dtype) in shapes.layer_stored().items()]
+
+
+def matrix_input_name(stored: str) -> str:
+    """The graph input of an embedding / LM-head file's tensor: `weight`, or `weight_qweight`, ..."""
+    return stored if stored == "weight" else f"weight_{stored}"
+
+
+def matrix_inputs(shapes: StepShapes) -> list[TensorSpec]:
+    """The inputs of one embedding / LM-head chunk: `weight`, or `weight_qweight`, `weight_scales`, `weight_zeros`."""
+    stored = shapes.matrix_stored(shapes.chunk_rows)
+    return [TensorSpec(matrix_input_name(n), shape, dtype) for n, (shape, dtype) in stored.items()]
 
 
 def lora_inputs(shapes: StepShapes, prefix: str = "") -> list[TensorSpec]:
@@ -244,9 +306,8 @@ def lora_inputs(shapes: StepShapes, prefix: str = "") -> list[TensorSpec]:
 
 
 def embed_chunk_graph(shapes: StepShapes) -> GraphDef:
-    C, H = shapes.chunk_rows, shapes.spec.hidden_size
     return GraphDef("embed_chunk", EmbedChunk(shapes),
-                    [TensorSpec("input_ids", shapes.tokens, "int64"), TensorSpec("weight", (C, H)),
+                    [TensorSpec("input_ids", shapes.tokens, "int64"), *matrix_inputs(shapes),
                      TensorSpec("offset", (1,), "int64"), TensorSpec("acc", shapes.hidden)],
                     [TensorSpec("acc_out", shapes.hidden)])
 
@@ -277,10 +338,10 @@ def head_state_specs(shapes: StepShapes, suffix: str = "") -> list[TensorSpec]:
 
 
 def head_chunk_graph(shapes: StepShapes) -> GraphDef:
-    C, H = shapes.chunk_rows, shapes.spec.hidden_size
+    H = shapes.spec.hidden_size
     return GraphDef("head_chunk", HeadChunk(shapes),
                     [TensorSpec("x", shapes.hidden), TensorSpec("norm_weight", (H,)),
-                     TensorSpec("labels", shapes.tokens, "int64"), TensorSpec("weight", (C, H)),
+                     TensorSpec("labels", shapes.tokens, "int64"), *matrix_inputs(shapes),
                      TensorSpec("offset", (1,), "int64"), *head_state_specs(shapes)],
                     head_state_specs(shapes, "_out"))
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
                                     grad_of, grad_state_name, layer_file, lora_state_name, peft_tensor_name)
-from exporter.graph_defs import StepShapes, ident
+from exporter.graph_defs import StepShapes, ident, matrix_input_name
 from graphs.config import FULL, SLIDING, ModelSpec
 
 def numel(shape) -> int:
@@ -109,9 +109,17 @@ class _Builder:
 
 
 def _layer_inputs(shapes: StepShapes, i: int, baked: bool) -> dict:
-    inputs = {} if baked else {ident(n): {"file": layer_file(i), "tensor": n} for n in shapes.spec.layer_weight_shapes()}
+    inputs = {} if baked else {ident(n): {"file": layer_file(i), "tensor": n} for n in shapes.layer_stored()}
     inputs.update({ident(n): lora_state_name(i, n) for n in shapes.lora_names()})
     return inputs
+
+
+def _matrix_sources(shapes: StepShapes, file: str, c: int) -> dict:
+    """The embedding / LM-head inputs of vocabulary chunk c: rows [c C, (c + 1) C) of each stored tensor
+    (`weight`, or `qweight`, `scales`, `zeros`), under the graphs' input names (`graph_defs.matrix_inputs`)."""
+    rows = [c * shapes.chunk_rows, (c + 1) * shapes.chunk_rows]
+    return {matrix_input_name(n): {"file": file, "tensor": n, "rows": rows}
+            for n in shapes.matrix_stored(shapes.chunk_rows)}
 
 
 def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
@@ -122,7 +130,7 @@ def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
     for c in range(s.num_chunks):
         last = c == s.num_chunks - 1
         b.call("embed.embed_chunk", None,
-               {"input_ids": "batch.input_ids", "weight": {"file": EMBEDDING_FILE, "tensor": "weight", "rows": [c * rows, (c + 1) * rows]},
+               {"input_ids": "batch.input_ids", **_matrix_sources(s, EMBEDDING_FILE, c),
                 "offset": {"value": [c * rows], "dtype": "int64"}, "acc": "embed.acc"},
                {"acc_out": "x.0" if last else "embed.acc"}, ["embed.acc"] if last else [])
     for i in range(L):
@@ -135,7 +143,7 @@ def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
     for c in range(s.num_chunks):
         b.call("head.head_chunk", None,
                {"x": f"x.{L}", "norm_weight": norm, "labels": "batch.labels",
-                "weight": {"file": head_file, "tensor": "weight", "rows": [c * rows, (c + 1) * rows]},
+                **_matrix_sources(s, head_file, c),
                 "offset": {"value": [c * rows], "dtype": "int64"}, **state},
                {f"{k}_out": v for k, v in state.items()})
     b.call("head.head_finish", None, {"x": f"x.{L}", "norm_weight": norm, "labels": "batch.labels", **state},

@@ -257,6 +257,32 @@ class RandomWeights(WeightSource):
         return torch.cat(blocks)
 
 
+class DequantizedWeights(WeightSource):
+    """`source`'s weights as a quantized bundle computes with them: every projection matrix, the embedding
+    and the LM head replaced by (q - z) * s of their codes (`graphs.quant.dequantized`: the same bytes the
+    build stores, since quantization is row-independent); norms and biases unchanged."""
+
+    def __init__(self, source: WeightSource, fmt):
+        self.source, self.fmt, self.spec = source, fmt, source.spec
+        self.description = f"{source.description}, {fmt.scheme} (group size {fmt.group_size}) dequantized"
+
+    def content_sha256(self) -> str | None:
+        return self.source.content_sha256()
+
+    def _dequantized(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        from graphs import quant
+
+        if name in (EMBEDDING, LM_HEAD) or quant.is_quantized_matrix(name, tuple(t.shape)):
+            return quant.dequantized(t, self.fmt)
+        return t
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._dequantized(name, self.source.tensor(name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._dequantized(name, self.source.rows(name, start, stop))
+
+
 def resolve_checkpoint_folder(source: str) -> tuple[Path, str]:
     """A local folder, or a Hugging Face repo id fetched / found in the cache. Returns (folder, description)."""
     path = Path(source).expanduser()

@@ -21,6 +21,7 @@ import torch
 
 from graphs.config import VOCAB_CHUNK_ROWS
 from graphs.ops import rms_norm, rms_norm_backward
+from graphs.quant import embedding as embedding_rows
 
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
@@ -40,14 +41,15 @@ def shift_labels(labels: Tensor) -> Tensor:
 
 def embed_chunk(input_ids: Tensor, weight_chunk: Tensor, offset: Tensor, acc: Tensor,
                 scale_hidden: int | None = None) -> Tensor:
-    """acc[b, t] += E[ids[b, t]] for the ids inside this chunk, E[offset:offset+C] = weight_chunk (C, H).
+    """acc[b, t] += E[ids[b, t]] for the ids inside this chunk, E[offset:offset+C] = weight_chunk (C, H)
+    (float, or a `graphs.quant.QuantizedWeight`: only the picked (B, S) rows are dequantized).
 
     `scale_hidden` H: the picked rows times `embedding_scale(H)` (Gemma), only the (B, S, H) rows, never
     the whole chunk."""
     rows = weight_chunk.shape[0]
     local = input_ids - offset  # (B, S)
     inside = torch.logical_and(local >= 0, local < rows)
-    picked = torch.nn.functional.embedding(local.clamp(0, rows - 1), weight_chunk)  # (B, S, H)
+    picked = embedding_rows(local.clamp(0, rows - 1), weight_chunk)  # (B, S, H)
     if scale_hidden is not None:
         picked = scale_embedding(picked, scale_hidden)
     return acc + torch.where(inside.unsqueeze(-1), picked, torch.zeros_like(picked))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from graphs.config import RopeScaling
+from graphs.quant import dense
 
 Tensor = torch.Tensor
 
@@ -246,8 +247,8 @@ def glu_backward(gate: Tensor, up: Tensor, dout: Tensor, kind: str) -> tuple[Ten
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None,
                 lora_B: Tensor | None, scale: float) -> Tensor:
-    """y = x W^T + b + s (x A^T) B^T."""
-    y = F.linear(x, weight, bias)
+    """y = x W^T + b + s (x A^T) B^T.  (W a float tensor or a `graphs.quant.QuantizedWeight`.)"""
+    y = F.linear(x, dense(weight), bias)
     if lora_A is not None:
         y = y + scale * ((x @ lora_A.T) @ lora_B.T)
     return y
@@ -259,7 +260,7 @@ def lora_linear_backward(x: Tensor, dy: Tensor, weight: Tensor, lora_A: Tensor |
         dB = s dy^T h;   dA = s (dy B)^T x;   dx = dy W + s (dy B) A
     x (..., in), dy (..., out) -> dx (..., in), dA (r, in), dB (out, r).
     """
-    dx = dy @ weight
+    dx = dy @ dense(weight)
     if lora_A is None:
         return dx, None, None
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (N, in), (N, out)
@@ -272,7 +273,8 @@ def lora_linear_backward(x: Tensor, dy: Tensor, weight: Tensor, lora_A: Tensor |
 
 
 class RowBlockLora:
-    """y = x W^T + b + s h B^T (h = x A^T), visited in blocks of output rows J.
+    """y = x W^T + b + s h B^T (h = x A^T), visited in blocks of output rows J (W[J] is all of W that a block
+    reads: a quantized W dequantizes those rows only).
 
     forward(J) gives y[..., J]; backward(J, dy_J) returns dy_J W[J] and records dB[J] = s dy_J^T h and
     gB += dy_J B[J]; finish() adds the LoRA part of dx (s gB A) and returns dx, dA = s gB^T x, dB.
@@ -311,7 +313,7 @@ class RowBlockLora:
 
 
 class ColBlockLora:
-    """Backward of y = x W^T + s h B^T (h = x A^T) with x visited in blocks of input columns J.
+    """Backward of y = x W^T + s h B^T (h = x A^T) with x visited in blocks of input columns J (W[:, J] only).
 
     backward(J, x_J) returns dx_J = dy W[:, J] + s (dy B) A[:, J], records dA[:, J] = s (dy B)^T x_J and
     accumulates h += x_J A[:, J]^T; finish() returns dA, dB = s dy^T h.

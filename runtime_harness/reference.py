@@ -47,8 +47,10 @@ class ReferenceError(ValueError):
 
 # ------------------------------------------------------------------------------------------ weights
 
-def source_weights(manifest: dict) -> WeightSource:
-    """The frozen weights the bundle was built from: its recorded source, checked against its content hash."""
+def source_weights(manifest: dict, dequantized: bool = True) -> WeightSource:
+    """The frozen weights the bundle was built from: its recorded source, checked against its content hash.
+    For a quantized bundle (`weights.format`), as the bundle computes with them: dequantized from the codes
+    the build made of that checkpoint (`dequantized=False`: the float checkpoint itself)."""
     from exporter.weights import WeightsError
     from graphs.config import ModelSpec
 
@@ -56,7 +58,8 @@ def source_weights(manifest: dict) -> WeightSource:
     info = manifest["weights"]
     source = info["source"]
     if source.startswith(RANDOM_PREFIX):
-        return RandomWeights(spec, int(source[len(RANDOM_PREFIX):-1]))
+        weights = RandomWeights(spec, int(source[len(RANDOM_PREFIX):-1]))
+        return _as_bundle(weights, manifest) if dequantized else weights
     try:
         weights = open_weights(source.removeprefix("hf://"), spec)
     except WeightsError as e:
@@ -65,7 +68,15 @@ def source_weights(manifest: dict) -> WeightSource:
     if recorded is not None and weights.content_sha256() != recorded:
         raise ReferenceError(f"checkpoint {source} has changed since the bundle was built "
                              f"(sha256 {weights.content_sha256()[:12]}..., the manifest records {recorded[:12]}...)")
-    return weights
+    return _as_bundle(weights, manifest) if dequantized else weights
+
+
+def _as_bundle(weights: WeightSource, manifest: dict) -> WeightSource:
+    from exporter.weights import DequantizedWeights
+    from graphs.quant import QuantFormat
+
+    fmt = manifest["weights"].get("format")
+    return weights if fmt is None else DequantizedWeights(weights, QuantFormat(fmt["scheme"], fmt["group_size"]))
 
 
 def hf_config(manifest: dict):

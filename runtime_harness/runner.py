@@ -19,7 +19,7 @@ import numpy as np
 from exporter.backends import get_backend, get_runtime
 from exporter.backends.base import GraphFn
 
-NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
+NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16, "uint8": np.uint8}
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -37,7 +37,7 @@ def read_header(path: Path) -> tuple[int, dict]:
         raise BundleError(f"cannot read {path}: not a valid safetensors file ({e})") from None
 
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
 
 def read_tensor(path: Path, header: tuple[int, dict], name: str, rows: list[int] | None = None) -> np.ndarray:

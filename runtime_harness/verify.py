@@ -157,6 +157,15 @@ def verify(bundle: Path, runtime: str | None = None, adapter: dict[str, np.ndarr
     rows = [Row(name, *compare(grads[name], ref_grads[name])) for name in grads]
     loss_rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
     ok = loss_rel <= REL_ERR_MAX and all(r.ok for r in rows) and set(grads) == set(ref_grads)
+    quantization = None
+    if manifest["weights"].get("format") is not None:  # for information: how far from the float checkpoint
+        float_loss, float_grads = reference.layerwise_loss_and_grads(
+            manifest, reference.source_weights(manifest, dequantized=False), adapter, ids, labels)
+        diffs = [compare(ref_grads[name], float_grads[name]) for name in ref_grads]
+        quantization = {"format": manifest["weights"]["format"]["scheme"],
+                        "group_size": manifest["weights"]["format"]["group_size"],
+                        "float_loss": float_loss, "loss_rel_diff": abs(ref_loss - float_loss) / max(abs(float_loss), 1e-12),
+                        "grads_min_cosine": min(d[0] for d in diffs), "grads_max_rel_diff": max(d[1] for d in diffs)}
     return {
         "bundle": str(bundle), "backend": manifest["backend"], "runtime": runner.backend.runtime or runner.backend.name,
         "seed": seed, "ok": ok,
@@ -166,6 +175,7 @@ def verify(bundle: Path, runtime: str | None = None, adapter: dict[str, np.ndarr
         "thresholds": {"cosine_min": COSINE_MIN, "max_rel_err": REL_ERR_MAX},
         "tensors": [{"name": r.name, "cosine": r.cosine, "max_rel_err": r.max_rel_err, "ok": r.ok} for r in rows],
         "worst": {"cosine": min(r.cosine for r in rows), "max_rel_err": max(r.max_rel_err for r in rows)},
+        "quantization": quantization,
     }
 
 
@@ -179,6 +189,11 @@ def format_report(report: dict, limit: int | None = None) -> str:
         lines.append(f"... {len(rows) - len(shown)} more tensors (worst {len(shown)} shown; all in report.json)")
     lines.append(f"loss {report['loss']:.6f} vs reference {report['reference_loss']:.6f} "
                  f"(rel err {report['loss_rel_err']:.2e}){'' if report['loss_ok'] else '  NO'}")
+    q = report.get("quantization")
+    if q is not None:
+        lines.append(f"for information, {q['format']} weights vs the float checkpoint (not part of the verdict): "
+                     f"loss {report['reference_loss']:.6f} vs {q['float_loss']:.6f} (rel diff {q['loss_rel_diff']:.2e}), "
+                     f"LoRA gradients min cosine {q['grads_min_cosine']:.6f}, max rel diff {q['grads_max_rel_diff']:.2e}")
     lines.append(f"worst: cosine {report['worst']['cosine']:.8f}, max rel err {report['worst']['max_rel_err']:.3e} "
                  f"over {len(rows)} LoRA tensors -> {'PASS' if report['ok'] else 'FAIL'}")
     return "\n".join(lines)

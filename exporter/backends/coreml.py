@@ -39,7 +39,8 @@ from exporter.graph_defs import GraphDef
 
 WEIGHTS_BIN = "Data/com.apple.CoreML/weights/weight.bin"
 MANIFEST = "Manifest.json"
-_COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16"}
+# Core ML inputs have no int64 or uint8 type: ids and (quantized embedding / head chunks') codes are int32
+_COREML_DTYPES = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16", "uint8": "int32"}
 # Core ML ArrayFeatureType.ArrayDataType values
 _ARRAY_DTYPES = {65568: "float32", 131104: "int32", 65552: "float16", 65600: "float64", 131080: "int8"}
 
@@ -149,10 +150,37 @@ def _gelu_decompositions() -> dict:
     return {torch.ops.aten.gelu.default: decomposition_table[torch.ops.aten.gelu.default]}
 
 
+@functools.cache
+def _register_dequantize() -> None:
+    """Convert `ondevice_lora::dequantize` (`exporter.quant_op`: a baked layer's quantized matrix, dequantized
+    whole) to `constexpr_blockwise_shift_scale(data, scale, offset)` = (data - offset) * scale, blocks of
+    K / G columns: the codes stored as uint4 (int4: two per byte, low nibble first, byte for byte the
+    bundle's qweight) or uint8, the scales float32, the zero points as offsets. Stored once per package;
+    both functions of a layer use the same constant."""
+    import coremltools.converters.mil.frontend._utils as frontend_utils
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    from graphs import quant
+
+    @register_torch_op(torch_alias=["ondevice_lora::dequantize", "ondevice_lora.dequantize"])
+    def ondevice_lora_dequantize(context, node):
+        qweight, scales, zeros, bits = _get_inputs(context, node, expected=4)
+        if qweight.val is None or scales.val is None or zeros.val is None:
+            raise ValueError(f"{node.name}: ondevice_lora::dequantize needs constant codes, scales and zero points")
+        codes = quant.unpack(torch.from_numpy(np.asarray(qweight.val, dtype=np.uint8)), int(bits.val))
+        out = frontend_utils._construct_constexpr_dequant_op(
+            codes.numpy().astype(np.uint8), np.asarray(zeros.val, dtype=np.uint8),
+            np.asarray(scales.val, dtype=np.float32), axis=None, name=node.name)
+        context.add(out, node.name)
+
+
 def export(graph: GraphDef) -> torch.export.ExportedProgram:
     """The graph as the converter takes it: torch.export, ATen ops (gelu decomposed),
     `where_fill_to_masked_fill`."""
-    exported = torch.export.export(graph.module, graph.example_inputs()).run_decompositions(_gelu_decompositions())
+    # uint8 inputs (quantized embedding / head chunks' codes) are int32 in Core ML: traced as int32
+    example = tuple(t.to(torch.int32) if t.dtype == torch.uint8 else t for t in graph.example_inputs())
+    exported = torch.export.export(graph.module, example).run_decompositions(_gelu_decompositions())
     where_fill_to_masked_fill(exported)
     return exported
 
@@ -166,6 +194,7 @@ def convert(graph: GraphDef, path: Path) -> None:
     """torch.export -> Core ML ML Program saved at `path`, with the GraphDef's input and output names."""
     import coremltools as ct
 
+    _register_dequantize()
     exported = export(graph)
     inputs = [ct.TensorType(name=t["name"], shape=tuple(t["shape"]), dtype=np.dtype(t["dtype"]).type)
               for t in coreml_inputs(graph)]
@@ -216,7 +245,7 @@ class CoreMLBackend(Backend):
         if make not in self._templates:  # one template per layer kind (e.g. Gemma's sliding and full layers)
             self._templates[make] = LayerTemplate.create(self, make, weights)
         template = self._templates[make]
-        if template is None:
+        if template is None or not template.accepts(weights):
             return self.lower(program, make(weights), out_dir)
         return template.write(program, weights, out_dir)
 
@@ -255,12 +284,34 @@ class CoreMLBackend(Backend):
 
 
 def _sentinels(weights: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Random tensors shaped and typed like `weights`: distinct values, findable byte for byte."""
+    """Random tensors shaped and typed like `weights`, stored the same way (`_storage`): distinct values,
+    findable byte for byte."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype) for k, v in weights.items()}
+    out = {}
+    for k, v in weights.items():
+        if v.dtype == torch.uint8:  # quantization codes / zero points: random codes of the same storage
+            out[k] = torch.randint(0, 16 if _storage(v) == "uint4" else 256, v.shape, generator=gen, dtype=torch.uint8)
+        else:
+            out[k] = torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype)
+    return out
+
+
+def _storage(t: torch.Tensor) -> str:
+    """How weight.bin holds a baked tensor: float32; uint8 codes that all fit in 4 bits become uint4 (the
+    converter's rule), two per byte, low nibble first; other uint8 stay bytes."""
+    if t.dtype == torch.uint8:
+        return "uint4" if int(t.max()) <= 15 else "uint8"
+    return "float32"
 
 
 def _blob_bytes(t: torch.Tensor) -> bytes:
+    """The bytes weight.bin holds for a baked tensor (`_storage`). An int4 qweight is already two codes per
+    byte, low nibble first, which is byte for byte Core ML's uint4 of the unpacked codes."""
+    if t.dtype == torch.uint8:
+        a = t.detach().contiguous().numpy().reshape(-1)
+        if _storage(t) == "uint4" and a.size % 2 == 0:
+            return (a[0::2] | (a[1::2] << 4)).astype(np.uint8).tobytes()
+        return a.tobytes()
     return t.detach().to(torch.float32).contiguous().numpy().tobytes()
 
 
@@ -318,13 +369,17 @@ class LayerTemplate:
         if diff is None or (diff & ~covered).any():
             shutil.rmtree(tmp, ignore_errors=True)
             return None
-        return cls(lowered, pa, regions, {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}, tmp)
+        return cls(lowered, pa, regions, {k: (tuple(v.shape), v.dtype, _storage(v)) for k, v in weights.items()}, tmp)
+
+    def accepts(self, weights: dict) -> bool:
+        """Whether `weights` are stored as the template's were (names, shapes, dtypes and storage: a layer
+        whose int8 codes all fit in 4 bits would be stored as uint4, and is converted directly instead)."""
+        return {k: (tuple(v.shape), v.dtype, _storage(v)) for k, v in weights.items()} == self.shapes
 
     def write(self, program: str, weights: dict, out_dir: Path) -> list[LoweredGraph]:
         rel = f"graphs/{program}.mlpackage"
         target = Path(out_dir) / rel
-        got = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
-        if got != self.shapes:
+        if not self.accepts(weights):
             raise ValueError(f"{program}: the weights' names, shapes or dtypes differ from the template's")
         data = bytearray(self.weight_bin)
         for name, offsets in self.regions.items():

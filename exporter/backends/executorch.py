@@ -34,7 +34,7 @@ import torch
 from exporter.backends.base import Backend, GraphFn, LoweredGraph
 from exporter.graph_defs import GraphDef
 
-_NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64)}
+_NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "uint8": np.dtype(np.uint8)}
 
 
 def lower_to_executorch(graphs: list[GraphDef]):

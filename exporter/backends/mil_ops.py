@@ -113,6 +113,25 @@ def cast(x, dtype):
     return x != 0 if dtype == "bool" else x.astype(_CAST[dtype])
 
 
+def constexpr_blockwise_shift_scale(data, scale, offset=None):
+    """(data - offset) * scale in float32, scale and offset repeated over blocks: data (N, K), scale / offset
+    (N, G) -> block size K / G along each axis where they differ. (data - offset) is a small integer, exact."""
+    data = np.asarray(data)
+    scale = np.asarray(scale, dtype=np.float32)
+    reps = [d // s for d, s in zip(data.shape, scale.shape)]
+    q = data.astype(np.float32)
+    if offset is not None:
+        q = q - _blocks(np.asarray(offset).astype(np.float32), reps)
+    return (q * _blocks(scale, reps)).astype(np.float32)
+
+
+def _blocks(t: np.ndarray, reps: list[int]) -> np.ndarray:
+    for axis, r in enumerate(reps):
+        if r != 1:
+            t = np.repeat(t, r, axis=axis)
+    return t
+
+
 def _axes(axes, rank: int) -> tuple[int, ...]:
     return tuple(int(a) % rank if rank else 0 for a in np.atleast_1d(axes))
 
@@ -161,6 +180,11 @@ def concat(values, axis, interleave=False):
     shape = list(values[0].shape)
     shape[axis] *= len(values)
     return stacked.reshape(shape)
+
+
+def stack(values, axis):
+    """The tensors (of one shape) stacked along a new axis `axis`."""
+    return np.stack([_f(v) for v in values], axis=int(axis))
 
 
 def expand_dims(x, axes):
@@ -291,7 +315,7 @@ OPS: dict[str, Callable] = {
     "logical_not": lambda x: np.logical_not(_f(x)),
     # elementwise unary
     "abs": _unary(np.abs), "cos": _unary(np.cos), "sin": _unary(np.sin), "exp": _unary(np.exp),
-    "sqrt": _unary(np.sqrt), "tanh": _unary(np.tanh),
+    "sqrt": _unary(np.sqrt), "tanh": _unary(np.tanh), "floor": _unary(np.floor),
     "inverse": _with_epsilon(lambda x: 1 / x, 1e-4), "rsqrt": _with_epsilon(lambda x: 1 / np.sqrt(x), 1e-12),
     "log": _with_epsilon(np.log, 1e-45),
     "sigmoid": sigmoid, "silu": silu, "gelu": gelu, "pad": pad, "clip": clip, "cast": cast,
@@ -301,9 +325,11 @@ OPS: dict[str, Callable] = {
     # linear algebra
     "matmul": matmul, "linear": linear,
     # shapes and indexing
-    "concat": concat, "expand_dims": expand_dims, "squeeze": squeeze, "reshape": reshape,
+    "concat": concat, "stack": stack, "expand_dims": expand_dims, "squeeze": squeeze, "reshape": reshape,
     "transpose": transpose, "tile": tile, "slice_by_index": slice_by_index, "split": split, "gather": gather,
     "select": select, "range_1d": range_1d, "fill": fill, "fill_like": fill_like, "shape": shape,
+    # compressed constants (quantized weights)
+    "constexpr_blockwise_shift_scale": constexpr_blockwise_shift_scale,
 }
 
 

@@ -138,7 +138,7 @@ def _usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_NP_DTYPES = {"float32": np.float32, "int64": np.int64}
+_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
 
 
 class OrtBackend(Backend):
