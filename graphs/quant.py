@@ -165,16 +165,16 @@ class QuantizedWeight:
         return dequantize(self.qweight, self.scales, self.zeros, self.fmt.bits)
 
     def rows(self, J: slice) -> Tensor:
-        return dequantize(self.qweight[J], self.scales[J], self.zeros[J], self.fmt.bits)
+        a, b = J.start or 0, self.shape[0] if J.stop is None else J.stop
+        return dequantize(*(_part(t, 0, a, b) for t in (self.qweight, self.scales, self.zeros)), self.fmt.bits)
 
     def cols(self, J: slice) -> Tensor:
         start, stop = J.start or 0, self.shape[1] if J.stop is None else J.stop
         g, per = self.group, self.fmt.per_byte
         g0, g1 = start // g, -(-stop // g)  # the groups covering [start, stop)
-        part = dequantize(self.qweight[:, g0 * g // per:g1 * g // per], self.scales[:, g0:g1],
-                          self.zeros[:, g0:g1], self.fmt.bits)  # (N, (g1 - g0) g)
-        lo, hi = start - g0 * g, stop - g0 * g
-        return part if lo == 0 and hi == part.shape[1] else part[:, lo:hi]
+        part = dequantize(_part(self.qweight, 1, g0 * g // per, g1 * g // per), _part(self.scales, 1, g0, g1),
+                          _part(self.zeros, 1, g0, g1), self.fmt.bits)  # (N, (g1 - g0) g)
+        return _part(part, 1, start - g0 * g, stop - g0 * g)
 
     def embedding(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
@@ -188,6 +188,14 @@ class QuantizedWeight:
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], slice):
             return self.cols(index[1])
         raise TypeError(f"a quantized weight is indexed by a row slice or [:, column slice], not {index!r}")
+
+
+def _part(t: Tensor, dim: int, start: int, stop: int) -> Tensor:
+    """t[start:stop] along `dim`, or t itself when that is all of it (a full slice traces to an `alias`
+    op, which Core ML's converter rejects)."""
+    if start == 0 and stop == t.shape[dim]:
+        return t
+    return t[start:stop] if dim == 0 else t[:, start:stop]
 
 
 def dense(w) -> Tensor:

@@ -1,6 +1,8 @@
 """Side-by-side benchmark: MeSP against MeBP, plain autograd and MeZO, on the same model, batch and LoRA init.
 
-1. bundles: the model exported with `--method mesp` and `--method mebp` for one runtime (cached builds);
+1. bundles: the model exported with `--method mesp` and `--method mebp` for one runtime (cached builds), once
+   per frozen-weight format asked for (`quants`: none = float32, int8, int4; mesp and mebp of a quantized
+   format are reported as `mesp-int4`, ...; autograd and mezo run once, on the first format's weights);
 2. each method runs in its own fresh subprocess (`python -m runtime_harness.bench`): load, take the
    RSS baseline, then a warm-up step and `steps` timed steps; peak RSS above the baseline is the
    measured memory; the LoRA gradient of the first step is saved for the gradient-quality check:
@@ -10,7 +12,7 @@
                  per step with a seeded perturbation z, g = (L(t + eps z) - L(t - eps z)) / (2 eps) z;
 3. gradient quality: cosine between each method's gradient and autograd's (the exact one);
 4. convergence: a tiny model trained on real text with mesp and with mezo; loss curves in one PNG;
-5. memory per call of one step for mesp and mebp on one figure;
+5. memory per call of one step for mesp and mebp (each format) on one figure;
 6. bench.json + bench.md (ratios to autograd and to mebp), all from this one run.
 """
 from __future__ import annotations
@@ -133,8 +135,9 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
 
 # ----------------------------------------------------------------------------- driver
 
-def _run_worker(method: str, bundle: Path, steps: int, lr: float, seed: int, out: Path) -> dict:
-    grads_path = out / f"grads-{method}.npy"
+def _run_worker(method: str, bundle: Path, steps: int, lr: float, seed: int, out: Path, name: str | None = None
+                ) -> dict:
+    grads_path = out / f"grads-{name or method}.npy"
     cmd = [sys.executable, "-m", "runtime_harness.bench", method, str(bundle), str(steps), repr(lr), str(seed),
            str(grads_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -155,18 +158,27 @@ def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-def build_bundles(model: str, runtime: str, seq_len: int, weights: str | None, out: Path, say) -> dict[str, Path]:
+def label(method: str, quant: str) -> str:
+    """A result's name: `mesp` (float32 weights) or `mesp-int4`."""
+    return method if quant == "none" else f"{method}-{quant}"
+
+
+def build_bundles(model: str, runtime: str, seq_len: int, weights: str | None, out: Path, say,
+                  quants: tuple[str, ...] = ("none",), methods: tuple[str, ...] = ("mesp", "mebp")) -> dict[str, Path]:
+    """{label: bundle} for each of `methods` (mesp, mebp) in every format of `quants`."""
     from exporter.build import Reporter, build
     from exporter.config import BuildConfig
     from graphs.config import LoraConfig
 
     bundles = {}
-    for method in ("mesp", "mebp"):
-        path = out / "bundles" / f"{Path(model).name}-{runtime}-{method}"
-        say(f"building {method} bundle ({runtime}) -> {path}")
-        build(BuildConfig(model=model, backend=runtime, out=path, weights=weights, method=method,
-                          lora=LoraConfig(seq_len=seq_len)), Reporter(progress=False))
-        bundles[method] = path
+    for quant in quants:
+        for method in methods:
+            name = label(method, quant)
+            path = out / "bundles" / f"{Path(model).name}-{runtime}-{name}"
+            say(f"building {name} bundle ({runtime}) -> {path}")
+            build(BuildConfig(model=model, backend=runtime, out=path, weights=weights, method=method, quant=quant,
+                              lora=LoraConfig(seq_len=seq_len)), Reporter(progress=False))
+            bundles[name] = path
     return bundles
 
 
@@ -216,38 +228,44 @@ def convergence(runtime: str, out: Path, steps: int, say) -> dict:
 
 def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path, steps: int = 3,
           weights: str | None = "random", lr: float = 1e-3, seed: int = 0, convergence_steps: int = 150,
-          say=print) -> dict:
+          say=print, quants: tuple[str, ...] = ("none",)) -> dict:
+    from graphs.quant import SCHEMES
     from runtime_harness.memory import measure, plot_timeline
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise BundleError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS] + [q for q in quants if q not in SCHEMES]
+    if unknown or not quants or len(set(quants)) != len(quants):
+        raise BundleError(f"unknown or repeated method(s) / format(s) {unknown or list(quants)}; choose from "
+                          f"{', '.join(METHODS)} and {', '.join(SCHEMES)}")
     out.mkdir(parents=True, exist_ok=True)
-    bundles = build_bundles(model, runtime, seq_len, weights, out, say)
+    needed = {"mebp" if m == "mebp" else "mesp" for m in methods}  # mezo and autograd read the mesp bundle
+    built = tuple(m for m in ("mesp", "mebp") if m in needed)
+    bundles = build_bundles(model, runtime, seq_len, weights, out, say, quants, built)
     manifests = {m: json.loads((bundles[m] / "manifest.json").read_text()) for m in bundles}
+    runs = [(label(m, q), m, q) for m in methods for q in (quants if m in ("mesp", "mebp") else quants[:1])]
     results = {}
-    for method in methods:
-        bundle = bundles["mebp" if method == "mebp" else "mesp"]
-        say(f"running {method} ({steps} timed steps after a warm-up, fresh process)")
-        r = _run_worker(method, bundle, steps, lr, seed, out)
-        planned = {"mesp": manifests["mesp"]["memory"]["train_step"]["peak_planned_bytes"],
-                   "mebp": manifests["mebp"]["memory"]["train_step"]["peak_planned_bytes"],
-                   "mezo": manifests["mesp"]["memory"]["eval_loss"]["peak_planned_bytes"]}.get(method)
-        results[method] = {"peak_planned_bytes": planned, **r}
-        say(f"  {method}: step {r['step_time_s']:.2f}s, peak measured {r['peak_measured_bytes'] / 1e6:.1f} MB")
+    for name, method, quant in runs:
+        bundle = bundles[label("mebp" if method == "mebp" else "mesp", quant)]
+        say(f"running {name} ({steps} timed steps after a warm-up, fresh process)")
+        r = _run_worker(method, bundle, steps, lr, seed, out, name)
+        m = manifests[label("mebp" if method == "mebp" else "mesp", quant)]["memory"]
+        planned = {"mesp": m["train_step"]["peak_planned_bytes"], "mebp": m["train_step"]["peak_planned_bytes"],
+                   "mezo": m["eval_loss"]["peak_planned_bytes"]}.get(method)
+        results[name] = {"peak_planned_bytes": planned, **r}
+        say(f"  {name}: step {r['step_time_s']:.2f}s, peak measured {r['peak_measured_bytes'] / 1e6:.1f} MB")
     exact = np.load(results["autograd"]["grads_file"]) if "autograd" in results else None
-    for method, r in results.items():
-        r["grad_cosine"] = None if exact is None or method == "autograd" else _cosine(np.load(r["grads_file"]), exact)
-    say("measuring memory per call (mesp, mebp)")
-    timelines = {m: measure(bundles[m], schedule="train_step") for m in ("mesp", "mebp")}
+    for name, r in results.items():
+        r["grad_cosine"] = None if exact is None or name == "autograd" else _cosine(np.load(r["grads_file"]), exact)
+    say(f"measuring memory per call ({', '.join(bundles)})")
+    timelines = {name: measure(path, schedule="train_step") for name, path in bundles.items()}
     plot_timeline({f"{m} ({runtime})": timelines[m] for m in timelines}, out / "memory_per_call.png",
                   f"{Path(model).name}: memory per call of one training step, sequence {seq_len}")
     conv = convergence(runtime, out, convergence_steps, say) if convergence_steps else None
     report = {
         "settings": {"model": model, "runtime": runtime, "seq_len": seq_len, "batch": 1, "dtype": "float32",
-                     "lora_rank": manifests["mesp"]["lora"]["rank"], "lora_targets": manifests["mesp"]["lora"]["targets"],
-                     "weights": manifests["mesp"]["weights"]["source"], "steps": steps, "lr": lr, "seed": seed,
-                     "machine": f"{os.cpu_count()} cores"},
+                     "lora_rank": manifests[label("mesp", quants[0])]["lora"]["rank"],
+                     "lora_targets": manifests[label("mesp", quants[0])]["lora"]["targets"],
+                     "weights": manifests[label("mesp", quants[0])]["weights"]["source"], "steps": steps, "lr": lr,
+                     "seed": seed, "machine": f"{os.cpu_count()} cores", "quant": list(quants)},
         "methods": {m: {"peak_planned_bytes": r["peak_planned_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
                         "step_time_s": r["step_time_s"], "grad_cosine": r["grad_cosine"]} for m, r in results.items()},
         "memory_per_call": {m: [{k: c[k] for k in ("graph", "layer", "planned_bytes", "measured_bytes")}
@@ -271,13 +289,18 @@ def markdown_table(report: dict) -> str:
         return "n/a" if v is None else f"{v:.2f}x"
 
     s = report["settings"]
-    lines = [f"{s['model']} ({s['weights']}), {s['runtime']}, float32, sequence {s['seq_len']}, batch 1, "
+    quants = s.get("quant", ["none"])
+    lines = [f"{s['model']} ({s['weights']}), {s['runtime']}, float32 compute, frozen weights "
+             f"{', '.join('float32' if q == 'none' else q for q in quants)}, sequence {s['seq_len']}, batch 1, "
              f"LoRA rank {s['lora_rank']} on {','.join(s['lora_targets'])}, {s['machine']}; median of {s['steps']} steps.",
              "",
              "| method | peak planned MB | peak measured MB | step s | grad cosine | planned / mebp | measured / mebp "
-             "| measured / autograd | time / mebp | time / autograd |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| measured / autograd | time / mebp | time / autograd | planned / float32 | time / float32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
+        method, _, quant = m.partition("-")
+        ref_m = rows.get(label("mebp", quant or "none"))
+        ref_f = rows.get(method) if quant else None
         cos = "exact (reference)" if m == "autograd" else ("n/a" if r["grad_cosine"] is None else f"{r['grad_cosine']:.6f}")
         lines.append(
             f"| {m} | {mb(r['peak_planned_bytes'])} | {mb(r['peak_measured_bytes'])} | {r['step_time_s']:.2f} | {cos} | "
@@ -285,7 +308,9 @@ def markdown_table(report: dict) -> str:
             f"{x(_ratio(r['peak_measured_bytes'], ref_m and ref_m['peak_measured_bytes']))} | "
             f"{x(_ratio(r['peak_measured_bytes'], ref_a and ref_a['peak_measured_bytes']))} | "
             f"{x(_ratio(r['step_time_s'], ref_m and ref_m['step_time_s']))} | "
-            f"{x(_ratio(r['step_time_s'], ref_a and ref_a['step_time_s']))} |")
+            f"{x(_ratio(r['step_time_s'], ref_a and ref_a['step_time_s']))} | "
+            f"{x(_ratio(r['peak_planned_bytes'], ref_f and ref_f['peak_planned_bytes']))} | "
+            f"{x(_ratio(r['step_time_s'], ref_f and ref_f['step_time_s']))} |")
     return "\n".join(lines) + "\n"
 
 

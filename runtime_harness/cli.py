@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
                                       "models, a checkpoint folder's own weights)")
     b.add_argument("--steps", type=positive_int, default=3, metavar="N",
                    help="timed steps per method, after one warm-up (default: %(default)s)")
+    b.add_argument("--quant", default="none", metavar="LIST",
+                   help="frozen-weight formats to compare, comma-separated subset of none,int8,int4: mesp and mebp "
+                        "run once per format (default: %(default)s)")
     b.add_argument("--convergence-steps", type=count, default=150, metavar="N",
                    help="steps of the convergence run; 0 skips it (default: %(default)s)")
     b.add_argument("--out", type=Path, help="default: runs/bench-<model>-<runtime>; removed again if the run fails "
@@ -281,12 +284,19 @@ def run_bench(args) -> int:
         LoraConfig(seq_len=args.seq_len)
     except ValueError as e:
         raise BundleError(f"--seq-len: {e}") from None
+    from graphs.quant import SCHEMES
+
+    quants = tuple(q.strip() for q in args.quant.split(",") if q.strip())
+    bad = [q for q in quants if q not in SCHEMES]
+    if bad or not quants or len(set(quants)) != len(quants):
+        raise BundleError(f"--quant: {', '.join(bad) or 'a format given twice, or none'}; "
+                          f"choose a comma-separated subset of {','.join(SCHEMES)}")
     out = run_dir(args.out or Path("runs") / f"bench-{Path(args.model).name}-{args.runtime}", None, args.overwrite)
     weights = args.weights or ("random" if args.model in MODELS else None)
     try:
         with removed_on_failure(out):
             bench(args.model, args.runtime, methods, args.seq_len, out, args.steps, weights,
-                  convergence_steps=args.convergence_steps, say=lambda s: print(s, flush=True))
+                  convergence_steps=args.convergence_steps, say=lambda s: print(s, flush=True), quants=quants)
     except BuildError as e:
         raise BundleError(str(e)) from None
     print(f"results: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'memory_per_call.png'}"

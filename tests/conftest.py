@@ -33,7 +33,7 @@ def hermetic_cache(tmp_path_factory):
         yield
 
 
-SPREAD = {"test_family_bundles", "test_harness", "test_graphs_math", "test_whole_model"}
+SPREAD = {"test_family_bundles", "test_harness", "test_graphs_math", "test_whole_model", "test_quant"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,20 +115,22 @@ def family_checkpoint(shared_dir, tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def tiny_bundles(family_checkpoint, shared_dir):
-    """(family, backend) -> that family's tiny checkpoint (no tokenizer: bytes) built for the backend,
-    sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per run. Tests read them;
+    """(family, backend[, quant, group size]) -> that family's tiny checkpoint (no tokenizer: bytes) built for
+    the backend, sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per run. Tests read them;
     one that changes a bundle works on a copy."""
     from exporter.build import Reporter, build
     from exporter.cache import ArtifactCache
     from exporter.config import BuildConfig
     from graphs.config import LoraConfig
 
-    def get(family: str, backend: str) -> Path:
+    def get(family: str, backend: str, quant: str = "none", group_size: int | None = None) -> Path:
         def make(out: Path) -> None:
             build(BuildConfig(model=str(family_checkpoint(family)), backend=backend, out=out,
-                              lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128), Reporter(progress=False),
+                              lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128, quant=quant,
+                              quant_group_size=group_size), Reporter(progress=False),
                   ArtifactCache(shared_dir / "artifact-cache"))
-        return made_once(shared_dir / f"tiny-{family}-{backend}", make)
+        suffix = "" if quant == "none" else f"-{quant}-g{group_size}"
+        return made_once(shared_dir / f"tiny-{family}-{backend}{suffix}", make)
     return get
 
 
