@@ -4,24 +4,32 @@
 many Android flagships); an app gets less than that, so a call that needs more cannot run on any phone.
 
 `call_lower_bound_bytes` is a lower bound of the bytes one call of the training step holds, computed from
-the shapes alone (float32, before lowering; the manifest's planned figures come later and are larger):
+the shapes alone (before lowering; the manifest's planned figures come later and are larger):
 
     store   = (L + 1) B S H          layer inputs kept for the backward (x_0..x_L, dy)
             + n_lora (2 + n_state)   LoRA parameters, their gradients, optimizer state
-    layer   = weights of one layer
-            + mesp: B (nh / nkv) S^2 (scores of one kv group) + B S ceil(I / blocks) (one MLP block)
-              mebp: B nh S^2 + B S I (autograd holds the whole layer's activations)
-    head    = rows H (one vocabulary chunk of E) + B S rows (its logits)
+    layer   = weights of one layer, as stored (float32, or the int8 / int4 codes with their scales and
+              zero points: `graphs.quant.stored_tensors`)
+            + 4 x [mesp: B (nh / nkv) S^2 (scores of one kv group) + B S ceil(I / blocks) (one MLP block)
+                   mebp: B nh S^2 + B S I (autograd holds the whole layer's activations)]
+    head    = one vocabulary chunk of E as stored (rows x H) + 4 x B S rows (its logits)
 
-    bound   = 4 bytes x (store + max(layer, head))
+    bound   = 4 bytes x store + max(layer, head)
 """
 from __future__ import annotations
 
 import math
 
+from graphs.quant import stored_tensors
+
 PHONE_MEMORY_BUDGET_BYTES = 8 * 2**30
 _FLOAT = 4
+_BYTES = {"float32": 4, "uint8": 1}
 _OPTIMIZER_STATE = {"sgd": 0, "adamw": 2}
+
+
+def _stored_bytes(shapes: dict, fmt) -> int:
+    return sum(math.prod(s) * _BYTES[d] for s, d in stored_tensors(shapes, fmt).values())
 
 
 def call_lower_bound_bytes(shapes) -> int:
@@ -30,13 +38,15 @@ def call_lower_bound_bytes(shapes) -> int:
     B, S, H, I = lora.batch, lora.seq_len, spec.hidden_size, spec.intermediate_size
     n_lora = lora.trainable_parameters(spec)
     store = (spec.num_layers + 1) * B * S * H + n_lora * (2 + _OPTIMIZER_STATE.get(shapes.optimizer, 2))
-    weights = sum(math.prod(s) for s in spec.layer_weight_shapes().values())
+    fmt = shapes.quant
+    weights = _stored_bytes(spec.layer_weight_shapes(), fmt)
     if shapes.method == "mebp":
         activations = B * spec.num_heads * S * S + B * S * I
     else:
         activations = B * (spec.num_heads // spec.num_kv_heads) * S * S + B * S * math.ceil(I / shapes.mlp_blocks)
-    head = shapes.chunk_rows * H + B * S * shapes.chunk_rows
-    return _FLOAT * (store + max(weights + activations, head))
+    chunk = (shapes.chunk_rows, H)
+    head = (_FLOAT * math.prod(chunk) if fmt is None else fmt.nbytes(chunk)) + _FLOAT * B * S * shapes.chunk_rows
+    return _FLOAT * store + max(weights + _FLOAT * activations, head)
 
 
 def check_fits(shapes) -> None:

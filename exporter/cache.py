@@ -34,14 +34,17 @@ def _versions() -> dict:
 
 
 def code_digest(backend) -> str:
-    """sha256 over the source of graphs/, the graph definitions, the backend module and its sibling modules."""
+    """sha256 over the source of graphs/ (families included), the graph definitions and the ops they call
+    (`quant_op`), the backend module and its sibling modules."""
     import graphs
-    from exporter import graph_defs
+    from exporter import graph_defs, quant_op
 
     h = hashlib.sha256()
-    for path in sorted(Path(graphs.__file__).parent.glob("*.py")):
+    root = Path(graphs.__file__).parent
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
         h.update(path.read_bytes())
     h.update(Path(graph_defs.__file__).read_bytes())
+    h.update(Path(quant_op.__file__).read_bytes())
     h.update(inspect.getsource(type(backend)).encode())
     h.update(Path(inspect.getfile(type(backend))).read_bytes())
     for path in sorted(Path(inspect.getfile(type(backend))).parent.glob("*.py")):  # helpers (coreml_exact, ...)

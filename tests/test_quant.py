@@ -75,6 +75,18 @@ def test_quantized_weight_reads_only_what_is_asked_and_equals_the_dense_matrix(f
     assert torch.equal(w.embedding(ids), dense[ids])
 
 
+def test_the_phone_budget_counts_the_stored_bytes():
+    from exporter.budget import call_lower_bound_bytes
+    from exporter.registry import MODELS
+
+    spec, lora = MODELS["qwen2.5-0.5b"], LoraConfig()
+    bound = {q: call_lower_bound_bytes(gd.StepShapes(spec, lora, quant=QuantFormat.make(q)))
+             for q in ("none", "int8", "int4")}
+    layer = sum(torch.Size(s).numel() for s in spec.layer_weight_shapes().values())
+    assert bound["none"] > bound["int8"] > bound["int4"]
+    assert bound["none"] - bound["int4"] > 3 * layer  # float32 -> about 0.58 bytes per weight
+
+
 def test_bad_formats_are_refused():
     with pytest.raises(ValueError, match="is odd"):
         QuantFormat("int4", 7)
