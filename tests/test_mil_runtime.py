@@ -145,6 +145,32 @@ def test_matmul_transpose_flags_broadcast_and_linear():
     np.testing.assert_allclose(run_op("linear", {"x": a, "weight": w}), a @ w.T, rtol=1e-5)
 
 
+def test_floor_on_negatives_halves_and_integers():
+    x = np.array([-1.5, -1.0, -0.25, 0.0, 0.5, 15.9375, 255.0], f32)
+    got = run_op("floor", {"x": x})
+    np.testing.assert_array_equal(got, [-2, -1, -1, 0, 0, 15, 255])
+    assert got.dtype == f32
+
+
+def test_stack_adds_a_new_axis():
+    a, b = r(2, 3), r(2, 3)
+    for axis in (0, -1, 2):
+        np.testing.assert_array_equal(run_op("stack", {"values": (a, b), "axis": np.int32(axis)}),
+                                      np.stack([a, b], axis))
+
+
+def test_constexpr_blockwise_shift_scale_is_offset_then_scale_per_block():
+    """(data - offset) * scale, scale and offset repeated over blocks of columns (K / G) and rows (N / N')."""
+    data = rng.integers(0, 16, (4, 8)).astype(np.uint8)
+    scale, offset = r(4, 2), rng.integers(0, 16, (4, 2)).astype(np.uint8)
+    got = run_op("constexpr_blockwise_shift_scale", {"data": data, "scale": scale, "offset": offset})
+    want = (data.astype(f32) - np.repeat(offset, 4, 1).astype(f32)) * np.repeat(scale, 4, 1)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == f32
+    per_row = run_op("constexpr_blockwise_shift_scale", {"data": data, "scale": r(2, 1)})  # no offset
+    assert per_row.shape == (4, 8)
+
+
 def test_concat_and_interleave():
     a, b = r(2, 3), r(2, 3)
     np.testing.assert_array_equal(run_op("concat", {"values": (a, b), "axis": np.int32(-1)}), np.concatenate([a, b], 1))
