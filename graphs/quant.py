@@ -144,7 +144,7 @@ class QuantizedWeight:
     """A frozen (N, K) matrix held as codes; indexing dequantizes only what is read.
 
         w[J]       rows J (a slice)          -> (|J|, K) float32
-        w[:, J]    columns J (a slice)       -> (N, |J|): the groups covering J, then J within them
+        w[:, J]    columns J (a slice)       -> (N, |J|): only J's codes (with their groups' scales)
         w.dense()  the whole matrix
         w.embedding(ids)  rows ids (any shape of int64 indices) -> ids.shape + (K,)
     """
@@ -169,12 +169,31 @@ class QuantizedWeight:
         return dequantize(*(_part(t, 0, a, b) for t in (self.qweight, self.scales, self.zeros)), self.fmt.bits)
 
     def cols(self, J: slice) -> Tensor:
+        """Columns [start, stop): runs of whole groups dequantized together, a partial group (a block inside
+        a group, e.g. of an int8 row that is one group) with that group's scale; nothing else."""
         start, stop = J.start or 0, self.shape[1] if J.stop is None else J.stop
         g, per = self.group, self.fmt.per_byte
-        g0, g1 = start // g, -(-stop // g)  # the groups covering [start, stop)
-        part = dequantize(_part(self.qweight, 1, g0 * g // per, g1 * g // per), _part(self.scales, 1, g0, g1),
-                          _part(self.zeros, 1, g0, g1), self.fmt.bits)  # (N, (g1 - g0) g)
-        return _part(part, 1, start - g0 * g, stop - g0 * g)
+        if start % per or stop % per:  # inside a byte of packed int4 codes: the covering groups, then J
+            g0, g1 = start // g, -(-stop // g)
+            part = self._cols(g0 * g, g1 * g, g0, g1)  # (N, (g1 - g0) g)
+            return _part(part, 1, start - g0 * g, stop - g0 * g)
+        pieces, a = [], start
+        while a < stop:
+            whole = (stop // g) * g  # the end of the last whole group inside [a, stop)
+            if a % g == 0 and whole > a:
+                pieces.append(self._cols(a, whole, a // g, whole // g))
+                a = whole
+            else:
+                b = min((a // g + 1) * g, stop)
+                pieces.append(self._cols(a, b, a // g, a // g + 1))
+                a = b
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _cols(self, a: int, b: int, g0: int, g1: int) -> Tensor:
+        """Columns [a, b) dequantized with groups [g0, g1) (their columns, or all of [a, b) in one group)."""
+        per = self.fmt.per_byte
+        return dequantize(_part(self.qweight, 1, a // per, b // per), _part(self.scales, 1, g0, g1),
+                          _part(self.zeros, 1, g0, g1), self.fmt.bits)
 
     def embedding(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
