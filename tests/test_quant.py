@@ -212,3 +212,20 @@ def test_a_verify_of_a_quantized_bundle_fails_on_the_float_checkpoint(tiny_bundl
     manifest["weights"].pop("format")
     resign(bundle, manifest)
     assert not verify(bundle, seed=0)["ok"]
+
+
+@pytest.mark.parametrize("quant_setting", [("int4", 16), ("int8", 0)], ids=["int4-g16", "int8"])
+def test_mesp_layer_arena_holds_no_float_copy_of_a_whole_matrix(quant_setting, tiny_bundles):
+    """ExecuTorch plans each call's arena: dequantizing per block (rows of a kv group or MLP block, columns of
+    o_proj / down_proj) adds less than one whole float matrix to the float bundle's layer arena."""
+    pytest.importorskip("executorch")
+    spec = TINY_FAMILY_SPECS["qwen2"]
+    smallest = min(np.prod(s) * 4 for n, s in spec.layer_weight_shapes().items() if quant.is_quantized_matrix(n, s))
+
+    def arenas(bundle):
+        graphs = json.loads((bundle / "manifest.json").read_text())["graphs"]
+        return {g["kind"]: g["arena_bytes"] for g in graphs.values() if g["role"] == "layer"}
+
+    plain, quantized = arenas(tiny_bundles("qwen2", "executorch")), arenas(tiny_bundles("qwen2", "executorch", *quant_setting))
+    for kind in ("layer_forward", "layer_backward"):
+        assert quantized[kind] - plain[kind] < smallest, (kind, quantized[kind], plain[kind])
