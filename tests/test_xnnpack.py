@@ -1,5 +1,5 @@
 """ExecuTorch programs lowered through XNNPACK (`--delegate xnnpack`, the ExecuTorch default): every matrix
-product is its own XNNPACK partition and frozen weights stay graph inputs. Checked here: each lowered
+product of the layer programs is its own XNNPACK partition and frozen weights stay graph inputs. Checked here: each lowered
 graph equals eager PyTorch (rtol 1e-5), the planned arena stays within 1.2x of the portable program's
 (the node order is restored after partitioning), `arena_bytes` counts XNNPACK's own heap, and tiny
 bundles (float32 and int4) verify against the float64 reference. The rest of the suite builds ExecuTorch
@@ -33,8 +33,8 @@ def step_shapes(method: str = "mesp") -> gd.StepShapes:
 
 @pytest.fixture(scope="module")
 def xnnpack(tmp_path_factory) -> dict:
-    """graph id -> (bundle dir, GraphDef, manifest entry, backend): the programs with matrix products (the
-    MeSP layer, the loss head) lowered through XNNPACK, as a build lowers them."""
+    """graph id -> (bundle dir, GraphDef, manifest entry, backend): the MeSP layer program and the loss head
+    lowered by the XNNPACK backend, as a build lowers them (only the layer goes through XNNPACK)."""
     backend = get_backend("executorch").with_delegate("xnnpack")
     folder = tmp_path_factory.mktemp("xnnpack-graphs")
     s = step_shapes()
@@ -63,12 +63,15 @@ def assert_close(got, want, names):
 
 
 def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
-    """Every method with a matrix product makes delegate calls; arena_bytes = the planned arena + the heap
-    XNNPACK keeps (its workspace: a packed copy of the largest right-hand matrix), so it exceeds the plan."""
-    for graph_id in ("layer.layer_forward", "layer.layer_backward", "head.head_chunk"):
+    """Every layer method makes delegate calls; arena_bytes = the planned arena + the heap XNNPACK keeps (its
+    workspace: a packed copy of the largest right-hand matrix), so it exceeds the plan. The head stays on
+    the portable kernels (`delegated_program`): no delegate, arena_bytes is the plan."""
+    for graph_id in ("layer.layer_forward", "layer.layer_backward"):
         entry = xnnpack[graph_id][2]
         assert entry["delegate_calls"] > 0 and entry["delegate_heap_bytes"] > 0, graph_id
         assert entry["arena_bytes"] > entry["delegate_heap_bytes"], graph_id
+    for graph_id in ("head.head_chunk", "head.head_finish"):
+        assert xnnpack[graph_id][2]["delegate_calls"] == xnnpack[graph_id][2]["delegate_heap_bytes"] == 0
 
 
 def test_planned_arena_stays_near_the_portable_one(xnnpack):
@@ -118,6 +121,8 @@ def test_xnnpack_bundle_verifies(tiny_bundles, quant, group_size):
     bundle = tiny_bundles("qwen2", "executorch", quant, group_size, delegate="xnnpack")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["delegate"] == "xnnpack"
+    assert {k for k, g in manifest["graphs"].items() if g["delegate_calls"]} == {"layer.layer_forward",
+                                                                                "layer.layer_backward"}
     report = verify(bundle, seed=0)
     assert len(report["tensors"]) == SPEC.num_layers * 14
     assert report["ok"], format_report(report, 5)
