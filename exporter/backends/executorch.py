@@ -25,9 +25,9 @@ Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
   18.4 MB, layer_backward 25.8 MB), recorded per graph with `delegate_calls` and `delegate_heap_bytes`.
   Measured on Qwen2.5-0.5B (seq 256, rank 8, MeSP, two shared CPU cores, both variants in one
   process): a layer_forward call is 3.6x and a layer_backward call 3.0x faster than on the portable
-  kernels and their outputs agree within 2e-6 of the largest value; over whole training steps the
-  layer_forward calls took 3.3x, layer_backward 2.4x and the step 2.2x less time, with the same loss to
-  1e-6. Measured step memory (`runtime_harness memory`): 180.9 MB vs 182.0 MB. Lowering the layer
+  kernels and their outputs agree within 2e-6 of the largest value; over whole training steps
+  (`BundleRunner`, both bundles alternating in one process) the layer_forward calls took 3.7x, the
+  layer_backward calls 2.7x and the step 2.2x less time (16.8 s vs 37.5 s), with the same loss to 1e-6. Measured step memory (`runtime_harness memory`): 180.9 MB vs 182.0 MB. Lowering the layer
   program takes ~4x longer (76 s vs 19 s, the heap measurement included).
 - `none`: every op on the runtime's portable CPU kernels. Every intermediate tensor is placed by the
   memory planner, and `arena_bytes` is the method's `non_const_buffer_sizes` (the exact activation arena
