@@ -37,7 +37,7 @@ from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.budget import check_fits
 from exporter.progress import progress, routed_warnings
 from exporter.cache import ArtifactCache, CacheError, code_digest
-from exporter.config import BuildConfig, default_out
+from exporter.config import DELEGATES, BuildConfig, default_out, delegate_of
 from exporter.manifest import validate as validate_manifest
 from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
@@ -72,6 +72,7 @@ def resolve(config: BuildConfig) -> Resolved:
             raise BuildError(f"{flag} must be a positive integer, got {value}")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise BuildError(f"--seed must be a non-negative integer, got {config.seed}")
+    check_delegate(config)
     try:
         spec, model_folder = _resolve_model(config.model)
         out = outputs.resolve_out(config.out or default_out(spec.name, config.backend))
@@ -91,6 +92,17 @@ def resolve(config: BuildConfig) -> Resolved:
     except (WeightsError, UnsupportedModel, ValueError) as e:
         raise BuildError(str(e)) from None
     return Resolved(spec, weights, checkpoint, shapes, out)
+
+
+def check_delegate(config: BuildConfig) -> None:
+    """Refuse (BuildError, one line) a delegate the backend does not have: `--delegate` is for ExecuTorch."""
+    if config.delegate is None:
+        return
+    names = DELEGATES.get(config.backend)
+    if names is None:
+        raise BuildError(f"--delegate is for executorch bundles only; the {config.backend} backend has no delegates")
+    if config.delegate not in names:
+        raise BuildError(f"unknown delegate {config.delegate!r}; choose from {', '.join(names)}")
 
 
 def check_trainable(shapes: gd.StepShapes) -> None:
@@ -233,7 +245,8 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
     for program, made in bar:
         bar.set_postfix_str(program.name)
         baked = made is None
-        key = cache.key({"backend": backend.name, "program": program.role, "layer": program.layer,
+        key = cache.key({"backend": backend.name, "delegate": backend.delegate, "program": program.role,
+                         "layer": program.layer,
                          "settings": _program_settings(r.shapes, program),
                          "weights": r.weights.identity() if baked else None, "code": code})
         lowered = cache.fetch_program(key, stage)
@@ -308,7 +321,7 @@ def build(config: BuildConfig, say: Reporter | None = None, cache: ArtifactCache
     """Build the bundle described by `config`; returns the manifest. Raises BuildError on bad input."""
     say = say or Reporter()
     r = resolve(config)
-    backend = get_backend(config.backend)
+    backend = get_backend(config.backend).with_delegate(delegate_of(config))
     cache = cache or ArtifactCache.default()
     with outputs.signals_interrupt():
         try:
@@ -392,6 +405,7 @@ def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules
         "format_version": FORMAT_VERSION,
         "model": {"name": r.spec.name, "architecture": r.spec.to_dict(), "hf_config": _hf_config(r)},
         "backend": backend.name,
+        "delegate": backend.delegate,
         "dtype": "float32",
         "method": config.method,
         "optimizer": {"name": config.optimizer,

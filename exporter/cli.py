@@ -58,6 +58,7 @@ def _human(n: float | None) -> str:
 def parser() -> argparse.ArgumentParser:
     from exporter.backends import BACKEND_NAMES
     from exporter.graph_defs import METHODS, OPTIMIZERS
+    from exporter.config import DEFAULT_DELEGATE, DELEGATES
     from graphs.quant import DEFAULT_GROUP_SIZE, SCHEMES
 
     p = _Parser(prog="python -m exporter", description="Export LLMs into on-device LoRA training bundles.")
@@ -93,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quant-group-size", type=count, metavar="N",
                    help=f"input columns per scale and zero point; 0: one group per row (default: "
                         f"{', '.join(f'{k} {v}' for k, v in DEFAULT_GROUP_SIZE.items())})")
+    b.add_argument("--delegate", choices=sorted({n for names in DELEGATES.values() for n in names}),
+                   help=f"executorch only: xnnpack (matrix products on XNNPACK: faster, slower to build) or none "
+                        f"(every op on the portable CPU kernels) (default: {DEFAULT_DELEGATE['executorch']}); "
+                        f"refused with another backend")
     b.add_argument("--no-cache", action="store_true", help="re-trace and re-lower everything")
     b.add_argument("--quiet", action="store_true", help="no progress (default: a bar on a terminal, a line "
                    "every few seconds in logs)")
@@ -113,7 +118,8 @@ def build_config(args: argparse.Namespace):
     if args.lora_targets is not None:
         lora_kw["targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     kw = {k: getattr(args, k) for k in ("model", "backend", "out", "weights", "optimizer", "method",
-                                         "vocab_chunk_rows", "mlp_blocks", "seed", "quant", "quant_group_size")
+                                         "vocab_chunk_rows", "mlp_blocks", "seed", "quant", "quant_group_size",
+                                         "delegate")
           if getattr(args, k) is not None}
     return BuildConfig(lora=LoraConfig(**lora_kw), **kw)
 
@@ -148,7 +154,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def summary(m: dict, bundle: Path) -> str:
     """Files, sizes and planned memory per call of a manifest."""
-    lines = [f"bundle {bundle}: {m['model']['name']} / {m['backend']} / {m['method']} / {m['optimizer']['name']}, "
+    lines = [f"bundle {bundle}: {m['model']['name']} / {m['backend']}"
+             f"{'' if m.get('delegate') is None else ' (' + m['delegate'] + ')'} / {m['method']} / {m['optimizer']['name']}, "
              f"seq {m['seq_len']}, batch {m['batch']}, LoRA rank {m['lora']['rank']} on {','.join(m['lora']['targets'])} "
              f"({m['lora']['trainable_parameters']:,} trainable)"]
     fmt = m["weights"].get("format")

@@ -23,6 +23,19 @@ class BuildConfig:
     quant: str = "none"  # frozen weights: none (float32, exact), int8 or int4 (graphs.quant)
     quant_group_size: int | None = None  # input columns per scale; None: the scheme's default
                                          # (graphs.quant.DEFAULT_GROUP_SIZE: int4 64, int8 0 = per row)
+    delegate: str | None = None  # ExecuTorch only: xnnpack (matrix products through XNNPACK) or none (portable
+                                 # kernels); None: the backend's default (DEFAULT_DELEGATE); refused elsewhere
+
+
+# backend -> the delegates its programs can be lowered through, the first being the default
+DELEGATES = {"executorch": ("xnnpack", "none")}
+DEFAULT_DELEGATE = {backend: names[0] for backend, names in DELEGATES.items()}
+
+
+def delegate_of(config: BuildConfig) -> str | None:
+    """The delegate a build uses: the one asked for, else the backend's default (None: a backend without
+    delegates)."""
+    return config.delegate if config.delegate is not None else DEFAULT_DELEGATE.get(config.backend)
 
 
 def default_out(model_name: str, backend: str) -> Path:

@@ -115,21 +115,26 @@ def family_checkpoint(shared_dir, tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def tiny_bundles(family_checkpoint, shared_dir):
-    """(family, backend[, quant, group size]) -> that family's tiny checkpoint (no tokenizer: bytes) built for
-    the backend, sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per run. Tests read them;
-    one that changes a bundle works on a copy."""
+    """(family, backend[, quant, group size, delegate]) -> that family's tiny checkpoint (no tokenizer: bytes)
+    built for the backend, sequence 16, rank 4, SGD, vocabulary chunks of 128 rows; each built once per run.
+    ExecuTorch bundles use the portable kernels (delegate "none": XNNPACK lowering is ~3.5x slower to build)
+    unless `delegate="xnnpack"` (test_xnnpack.py). Tests read them; one that changes a bundle works on a copy."""
     from exporter.build import Reporter, build
     from exporter.cache import ArtifactCache
     from exporter.config import BuildConfig
     from graphs.config import LoraConfig
 
-    def get(family: str, backend: str, quant: str = "none", group_size: int | None = None) -> Path:
+    def get(family: str, backend: str, quant: str = "none", group_size: int | None = None,
+            delegate: str | None = None) -> Path:
+        delegate = delegate or ("none" if backend == "executorch" else None)
+
         def make(out: Path) -> None:
             build(BuildConfig(model=str(family_checkpoint(family)), backend=backend, out=out,
                               lora=LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128, quant=quant,
-                              quant_group_size=group_size), Reporter(progress=False),
+                              quant_group_size=group_size, delegate=delegate), Reporter(progress=False),
                   ArtifactCache(shared_dir / "artifact-cache"))
-        suffix = "" if quant == "none" else f"-{quant}-g{group_size}"
+        suffix = ("" if quant == "none" else f"-{quant}-g{group_size}") + \
+            ("" if delegate in (None, "none") else f"-{delegate}")
         return made_once(shared_dir / f"tiny-{family}-{backend}{suffix}", make)
     return get
 

@@ -14,6 +14,11 @@ from exporter.backends.base import Backend, LoweredGraph
 
 class EagerBackend(Backend):
     name = "executorch"  # poses as a weights-as-inputs backend; the manifest schema knows only real names
+    delegate = "none"
+
+    def with_delegate(self, delegate):
+        """Any delegate: the graphs always run on PyTorch (the manifest records "none")."""
+        return self
 
     def lower(self, program, graphs, out_dir):
         out = []

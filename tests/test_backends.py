@@ -46,8 +46,11 @@ def _programs() -> dict[str, dict[str, list[gd.GraphDef]]]:
 
 
 def _lower_all(backend_name: str, root) -> dict:
-    """(variant, graph id) -> (bundle dir, GraphDef, manifest entry, backend)."""
+    """(variant, graph id) -> (bundle dir, GraphDef, manifest entry, backend). ExecuTorch on its portable
+    kernels (delegate "none"); test_xnnpack.py lowers through XNNPACK."""
     backend = get_backend(backend_name)
+    if backend_name == "executorch":
+        backend = backend.with_delegate("none")
     out = {}
     for variant, programs in _programs().items():
         folder = root / variant
@@ -99,6 +102,15 @@ def tokens(labels: bool = False) -> torch.Tensor:
 def test_registry_and_contract(name, baked):
     backend = get_backend(name)
     assert backend.name == name and backend.weights_in_graphs is baked
+    if name == "executorch":  # XNNPACK by default; "none" is the portable kernels
+        assert backend.delegate == "xnnpack" and backend.with_delegate("none").delegate == "none"
+        assert backend.with_delegate(None) is backend
+        with pytest.raises(ValueError, match="unknown delegate"):
+            backend.with_delegate("qnn")
+    else:
+        assert backend.delegate is None and backend.with_delegate(None) is backend
+        with pytest.raises(ValueError, match="no delegates"):
+            backend.with_delegate("xnnpack")
 
 
 def test_executorch_programs_hold_methods_with_planned_arenas(lowered):

@@ -49,6 +49,15 @@ class Backend:
     #: share them); False: one program serves every layer and weights are inputs read from
     #: `weights/layer_XX.safetensors`.
     weights_in_graphs: bool = False
+    #: the delegate its programs are lowered through (`exporter.config.DELEGATES`); None: the backend has none
+    delegate: str | None = None
+
+    def with_delegate(self, delegate: str | None) -> "Backend":
+        """This backend lowering through `delegate` (None: its default). A backend without delegates
+        refuses any (ValueError)."""
+        if delegate is not None:
+            raise ValueError(f"the {self.name} backend has no delegates (got {delegate!r})")
+        return self
 
     def lower(self, program: str, graphs: list[GraphDef], out_dir: Path) -> list[LoweredGraph]:
         """Export `graphs` (all traced with torch.export) into one program file under `out_dir/graphs/`."""

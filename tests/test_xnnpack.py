@@ -1,0 +1,128 @@
+"""ExecuTorch programs lowered through XNNPACK (`--delegate xnnpack`, the ExecuTorch default): every matrix
+product of the layer programs is its own XNNPACK partition and frozen weights stay graph inputs. Checked here: each lowered
+graph equals eager PyTorch (rtol 1e-5), the planned arena stays within 1.2x of the portable program's
+(the node order is restored after partitioning), `arena_bytes` counts XNNPACK's own heap, and tiny
+bundles (float32 and int4) verify against the float64 reference. The rest of the suite builds ExecuTorch
+bundles on the portable kernels (delegate "none"), which lower ~3.5x faster."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch.runtime")
+
+from exporter import graph_defs as gd  # noqa: E402
+from exporter.backends import get_backend  # noqa: E402
+from exporter.backends.executorch import lower_to_executorch, planned_arenas  # noqa: E402
+from graphs.config import LoraConfig  # noqa: E402
+from helpers import random_layer_weights, random_lora, tiny_spec  # noqa: E402
+from runtime_harness.verify import format_report, verify  # noqa: E402
+
+SPEC = tiny_spec()
+LORA = LoraConfig(rank=4, seq_len=16)
+ROWS = 128
+RTOL = 1e-5
+
+
+def step_shapes(method: str = "mesp") -> gd.StepShapes:
+    return gd.StepShapes(SPEC, LORA, method=method, vocab_chunk_rows=ROWS)
+
+
+@pytest.fixture(scope="module")
+def xnnpack(tmp_path_factory) -> dict:
+    """graph id -> (bundle dir, GraphDef, manifest entry, backend): the MeSP layer program and the loss head
+    lowered by the XNNPACK backend, as a build lowers them (only the layer goes through XNNPACK)."""
+    backend = get_backend("executorch").with_delegate("xnnpack")
+    folder = tmp_path_factory.mktemp("xnnpack-graphs")
+    s = step_shapes()
+    out = {}
+    for program, defs in {"layer": gd.layer_graphs(s, "full_attention"),
+                          "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}.items():
+        for g, lg in zip(defs, backend.lower(program, defs, folder)):
+            out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
+    return out
+
+
+def run_both(item, inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    folder, g, entry, backend = item
+    got = backend.load(folder, entry)([t.numpy() for t in inputs])
+    with torch.no_grad():
+        want = [t.numpy() for t in g.module(*inputs)]
+    assert len(got) == len(want) == len(entry["outputs"])
+    return got, want
+
+
+def assert_close(got, want, names):
+    """rtol 1e-5 plus atol 1e-5 of the output's largest magnitude (XNNPACK's float32 accumulation order
+    differs from torch's)."""
+    for g, w, n in zip(got, want, names):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=n)
+
+
+def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
+    """Every layer method makes delegate calls; arena_bytes = the planned arena + the heap XNNPACK keeps (its
+    workspace: a packed copy of the largest right-hand matrix), so it exceeds the plan. The head stays on
+    the portable kernels (`delegated_program`): no delegate, arena_bytes is the plan."""
+    for graph_id in ("layer.layer_forward", "layer.layer_backward"):
+        entry = xnnpack[graph_id][2]
+        assert entry["delegate_calls"] > 0 and entry["delegate_heap_bytes"] > 0, graph_id
+        assert entry["arena_bytes"] > entry["delegate_heap_bytes"], graph_id
+    for graph_id in ("head.head_chunk", "head.head_finish"):
+        assert xnnpack[graph_id][2]["delegate_calls"] == xnnpack[graph_id][2]["delegate_heap_bytes"] == 0
+
+
+def test_planned_arena_stays_near_the_portable_one(xnnpack):
+    """Partitioning re-sorts the graph breadth first (the MeSP layer_backward plan grew ~4.5x at this size);
+    `restore_order` puts the nodes back in their pre-partition order, so the plan stays within 1.2x."""
+    portable = planned_arenas(lower_to_executorch(gd.layer_graphs(step_shapes(), "full_attention"), "none"))
+    for kind, bytes_ in portable.items():
+        entry = xnnpack[f"layer.{kind}"][2]
+        planned = entry["arena_bytes"] - entry["delegate_heap_bytes"]
+        assert planned <= 1.2 * bytes_, (kind, planned, bytes_)
+
+
+@pytest.mark.parametrize("graph_id", ["layer.layer_forward", "layer.layer_backward"])
+def test_layer_graphs_equal_eager(xnnpack, graph_id):
+    weights = {k: v.float() for k, v in random_layer_weights(SPEC).items()}
+    lora = {k: v.float() for k, v in random_lora(SPEC, LORA).items()}
+    frozen = [weights[n] for n in SPEC.layer_weight_shapes()]
+    adapters = [lora[n] for n in step_shapes().lora_names()]
+    hidden = (LORA.batch, LORA.seq_len, SPEC.hidden_size)
+    item = xnnpack[graph_id]
+    inputs = [torch.randn(hidden)] + ([torch.randn(hidden)] if graph_id.endswith("backward") else [])
+    got, want = run_both(item, [*inputs, *frozen, *adapters])
+    assert all(np.abs(w).max() > 0 for w in want)
+    assert_close(got, want, [t.name for t in item[1].outputs])
+
+
+def test_head_graphs_equal_eager(xnnpack):
+    s = step_shapes()
+    C, H = s.chunk_rows, SPEC.hidden_size
+    E = torch.randn(C * s.num_chunks, H)
+    E[SPEC.vocab_size:] = 0  # padding rows, as the bundle stores them
+    x, w = torch.randn(LORA.batch, LORA.seq_len, H), 1 + 0.1 * torch.randn(H)
+    labels = torch.randint(0, SPEC.vocab_size, s.tokens)
+    labels[0, 3] = -100
+    state = [torch.full(s.tokens, float("-inf")), torch.zeros(s.tokens), torch.zeros(s.hidden), torch.zeros(s.hidden)]
+    item = xnnpack["head.head_chunk"]
+    for c in range(s.num_chunks):
+        got, want = run_both(item, [x, w, labels, E[c * C:(c + 1) * C], torch.tensor([c * C]), *state])
+        assert_close(got, want, [t.name for t in item[1].outputs])
+        state = [torch.from_numpy(t) for t in want]
+    got, want = run_both(xnnpack["head.head_finish"], [x, w, labels, *state])
+    assert_close(got, want, ["loss", "dx"])
+
+
+@pytest.mark.parametrize("quant, group_size", [("none", None), ("int4", 16)])
+def test_xnnpack_bundle_verifies(tiny_bundles, quant, group_size):
+    bundle = tiny_bundles("qwen2", "executorch", quant, group_size, delegate="xnnpack")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["delegate"] == "xnnpack"
+    assert {k for k, g in manifest["graphs"].items() if g["delegate_calls"]} == {"layer.layer_forward",
+                                                                                "layer.layer_backward"}
+    report = verify(bundle, seed=0)
+    assert len(report["tensors"]) == SPEC.num_layers * 14
+    assert report["ok"], format_report(report, 5)
