@@ -158,3 +158,29 @@ def make_chat_tokenizer(folder: Path, chat_template: str | None = CHATML):
         fast.chat_template = chat_template
     fast.save_pretrained(str(folder))
     return fast
+
+
+def run_both(item, inputs: list[torch.Tensor]) -> tuple[list, list]:
+    """Run a lowered graph (folder, GraphDef, manifest entry, backend) through its runtime and in eager
+    PyTorch on the same inputs; checks the runtime's outputs have the declared shapes and dtypes."""
+    import numpy as np
+
+    folder, g, entry, backend = item
+    got = backend.load(folder, entry)([t.numpy() for t in inputs])
+    with torch.no_grad():
+        want = [t.numpy() for t in g.module(*inputs)]
+    assert len(got) == len(want) == len(entry["outputs"])
+    for o, spec in zip(got, entry["outputs"]):
+        assert list(o.shape) == spec["shape"] and o.dtype == np.dtype(spec["dtype"])
+    return got, want
+
+
+def assert_close(got, want, names, atol_scale: float = 1e-5, rtol: float = 1e-5) -> None:
+    """rtol 1e-5 plus atol 1e-5 of the output's largest magnitude: a runtime's float32 accumulation order
+    (ORT's, XNNPACK's) differs from torch's (both stay within ~5e-6 of a float64 reference, relative to
+    the largest value)."""
+    import numpy as np
+
+    for g, w, n in zip(got, want, names):
+        atol = atol_scale * max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=n)

@@ -21,12 +21,11 @@ from exporter.backends.ort import MAX_IR_VERSION  # noqa: E402
 from graphs import head as head_math  # noqa: E402
 from graphs import optim as optim_math  # noqa: E402
 from graphs.config import LoraConfig  # noqa: E402
-from helpers import random_layer_weights, random_lora, runnable_backends, tiny_spec  # noqa: E402
+from helpers import assert_close, random_layer_weights, random_lora, run_both, runnable_backends, tiny_spec  # noqa: E402,E501
 
 SPEC = tiny_spec()
 LORA = LoraConfig(rank=4, seq_len=16)
 ROWS = 128  # 320 rows -> 3 chunks of 107, the last one with a padding row
-RTOL = 1e-5
 
 
 def step_shapes(method: str = "mesp", optimizer: str = "sgd") -> gd.StepShapes:
@@ -69,25 +68,6 @@ def lowered(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ort_lowered(tmp_path_factory):
     return _lower_all("ort", tmp_path_factory.mktemp("ort-graphs"))
-
-
-def run_both(item, inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    folder, g, entry, backend = item
-    got = backend.load(folder, entry)([t.numpy() for t in inputs])
-    with torch.no_grad():
-        want = [t.numpy() for t in g.module(*inputs)]
-    assert len(got) == len(want) == len(entry["outputs"])
-    for o, spec in zip(got, entry["outputs"]):
-        assert list(o.shape) == spec["shape"] and o.dtype == np.dtype(spec["dtype"])
-    return got, want
-
-
-def assert_close(got, want, names, atol_scale=1e-5):
-    """rtol 1e-5 plus atol 1e-5 of the output's largest magnitude: ORT's float32 accumulation order differs
-    from torch's (both stay within ~5e-6 of a float64 reference, relative to the largest value)."""
-    for g, w, n in zip(got, want, names):
-        atol = atol_scale * max(1.0, float(np.abs(w).max()))
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=atol, err_msg=n)
 
 
 def tokens(labels: bool = False) -> torch.Tensor:

@@ -18,13 +18,12 @@ from exporter import graph_defs as gd  # noqa: E402
 from exporter.backends import get_backend  # noqa: E402
 from exporter.backends.executorch import lower_to_executorch, planned_arenas  # noqa: E402
 from graphs.config import LoraConfig  # noqa: E402
-from helpers import random_layer_weights, random_lora, tiny_spec  # noqa: E402
+from helpers import assert_close, random_layer_weights, random_lora, run_both, tiny_spec  # noqa: E402
 from runtime_harness.verify import format_report, verify  # noqa: E402
 
 SPEC = tiny_spec()
 LORA = LoraConfig(rank=4, seq_len=16)
 ROWS = 128
-RTOL = 1e-5
 
 
 def step_shapes(method: str = "mesp") -> gd.StepShapes:
@@ -44,22 +43,6 @@ def xnnpack(tmp_path_factory) -> dict:
         for g, lg in zip(defs, backend.lower(program, defs, folder)):
             out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
     return out
-
-
-def run_both(item, inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    folder, g, entry, backend = item
-    got = backend.load(folder, entry)([t.numpy() for t in inputs])
-    with torch.no_grad():
-        want = [t.numpy() for t in g.module(*inputs)]
-    assert len(got) == len(want) == len(entry["outputs"])
-    return got, want
-
-
-def assert_close(got, want, names):
-    """rtol 1e-5 plus atol 1e-5 of the output's largest magnitude (XNNPACK's float32 accumulation order
-    differs from torch's)."""
-    for g, w, n in zip(got, want, names):
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=n)
 
 
 def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
