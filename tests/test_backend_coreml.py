@@ -24,7 +24,7 @@ from exporter.backends.mil_ops import OPS  # noqa: E402
 from exporter.backends.mil_runtime import load_program  # noqa: E402
 from graphs import head as head_math  # noqa: E402
 from graphs.config import LoraConfig  # noqa: E402
-from helpers import random_layer_weights, random_lora, tiny_spec  # noqa: E402
+from helpers import assert_close, random_layer_weights, random_lora, run_both, tiny_spec  # noqa: E402
 
 SPEC = tiny_spec()
 LORA = LoraConfig(rank=4, seq_len=16)
@@ -268,24 +268,6 @@ def test_layer_packages_from_the_template_equal_converted_ones(lowered, tmp_path
 
 
 # ------------------------------------------------------------------------------- predictions (macOS)
-
-def run_both(item, inputs: list[torch.Tensor], backend) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    folder, g, entry = item
-    got = backend.load(folder, entry)([t.numpy() for t in inputs])  # int64 arrays: load casts to int32
-    with torch.no_grad():
-        want = [t.numpy() for t in g.module(*inputs)]
-    assert len(got) == len(want) == len(entry["outputs"])
-    for o, spec in zip(got, entry["outputs"]):
-        assert list(o.shape) == spec["shape"] and o.dtype == np.dtype(spec["dtype"])
-    return got, want
-
-
-def assert_close(got, want, names, rtol):
-    """rtol, plus atol 1e-5 of the output's largest magnitude (for values near zero)."""
-    for g, w, n in zip(got, want, names):
-        atol = 1e-5 * max(1.0, float(np.abs(w[np.isfinite(w)]).max(initial=0.0)))
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=n)
-
 
 def tokens(labels: bool = False) -> torch.Tensor:
     ids = torch.randint(0, SPEC.vocab_size, (LORA.batch, LORA.seq_len))
