@@ -38,6 +38,7 @@ from exporter.budget import check_fits
 from exporter.progress import progress, routed_warnings
 from exporter.cache import ArtifactCache, CacheError, code_digest
 from exporter.config import DELEGATES, BuildConfig, default_out, delegate_of
+from exporter.flops import graph_flops
 from exporter.manifest import validate as validate_manifest
 from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
@@ -239,6 +240,7 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
     # one graph maker per layer kind and build: a backend may convert a kind once and reuse it (Core ML)
     makers = {kind: functools.partial(gd.layer_graphs, r.shapes, kind) for kind in r.shapes.spec.attention_kinds}
     graphs: dict[str, dict] = {}
+    flops = _LayerFlops(r.shapes)
     (stage / "graphs").mkdir(parents=True, exist_ok=True)
     code = code_digest(backend)
     bar = progress(programs, "graphs", "programs", say.mode)
@@ -265,12 +267,26 @@ def _lower_all(r: Resolved, stage: Path, backend, cache: ArtifactCache, say) -> 
             say.detail(f"lowered {program.name} ({', '.join(g['method'] or g['id'] for g in lowered)}) "
                        f"in {time.time() - t0:.1f}s")
             cache.store_program(key, stage, lowered)
-        for g in lowered:
+        counts = flops[program.attention] if baked else [graph_flops(d) for d in made]
+        for g, count in zip(lowered, counts):
             graph_id = g.pop("id")
             graphs[graph_id] = {**g, "program": program.name, "role": program.role,
                                 "kind": graph_id[len(program.name) + 1:], "layer": program.layer,
-                                "attention": program.attention}
+                                "attention": program.attention, "flops": count}
     return graphs
+
+
+class _LayerFlops(dict):
+    """attention kind -> FLOPs of [layer_forward, layer_backward], counted once per kind from the
+    weights-as-inputs graphs (a baked layer multiplies the same shapes)."""
+
+    def __init__(self, shapes: gd.StepShapes):
+        super().__init__()
+        self.shapes = shapes
+
+    def __missing__(self, kind: str) -> list[int]:
+        self[kind] = [graph_flops(g) for g in gd.layer_graphs(self.shapes, kind)]
+        return self[kind]
 
 
 def _program_settings(s: gd.StepShapes, program: Program) -> dict:

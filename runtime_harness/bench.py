@@ -13,7 +13,12 @@
 3. gradient quality: cosine between each method's gradient and autograd's (the exact one);
 4. convergence: a tiny model trained on real text with mesp and with mezo; loss curves in one PNG;
 5. memory per call of one step for mesp and mebp (each format) on one figure;
-6. bench.json + bench.md (ratios to autograd and to mebp), all from this one run.
+6. speed (`runtime_harness.speed`): each method's step FLOPs (from the manifest's per-graph counts;
+   autograd's counted on its warm-up step), achieved GFLOP/s and its fraction of the float32 GEMM
+   throughput measured in this process before and after the methods ran (the best of the two), time per
+   call of one step (plot) and summed per graph ("where the time goes"); one thread count
+   (`exporter.threads`) for every runtime, the GEMM probe and the autograd baseline;
+7. bench.json + bench.md (ratios to autograd and to mebp), all from this one run.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.threads import set_threads, threads
+from runtime_harness import speed
 from runtime_harness.runner import BundleError, BundleRunner
 
 METHODS = ("mesp", "mebp", "autograd", "mezo")
@@ -73,7 +80,10 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
     """Runs in a fresh process; prints nothing but returns the measurements."""
     import gc
 
+    from exporter.threads import set_threads, threads
     from runtime_harness.memory import _reset_peak
+
+    set_threads(threads())  # the driver's count, for torch and every runtime
     from runtime_harness.verify import nonzero_adapter, seeded_batch
 
     runner = BundleRunner(bundle)
@@ -98,7 +108,7 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
             with torch.no_grad():
                 for p in params:
                     p -= lr * p.grad
-            return loss, grads
+            return loss, grads, []
     else:
         from runtime_harness.memory import _import_runtime
 
@@ -112,25 +122,36 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
 
         def one_step():
             if method == "mezo":
-                return _mezo_step(runner, store, lora_names, ids, labels, lr, seed * 1000 + next(counter))
-            loss, _ = runner.step(store, ids, labels, lr, keep=lambda n: n.startswith("grad."))
+                loss, grads = _mezo_step(runner, store, lora_names, ids, labels, lr, seed * 1000 + next(counter))
+                return loss, grads, []
+            loss, trace = runner.step(store, ids, labels, lr, keep=lambda n: n.startswith("grad."))
             grads = {peft_name: store.pop("grad." + state[len("lora."):]) for state, peft_name in lora_names}
-            return loss, grads
+            return loss, grads, [{"graph": c.graph, "layer": c.layer, "seconds": c.seconds} for c in trace.calls]
 
     _reset_peak()
-    times, losses, first_grads = [], [], None
+    times, losses, first_grads, calls, step_flops = [], [], None, [], None
     for k in range(steps + 1):  # step 0 is the warm-up
-        t0 = time.perf_counter()
-        loss, grads = one_step()
-        if k > 0:
-            times.append(time.perf_counter() - t0)
+        if k == 0 and method == "autograd":  # the baseline's FLOPs, counted on its warm-up step
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                loss, grads, _ = one_step()
+            step_flops = int(counter.get_total_flops())
+        else:
+            t0 = time.perf_counter()
+            loss, grads, step_calls = one_step()
+            if k > 0:
+                times.append(time.perf_counter() - t0)
+                if not calls or sum(c["seconds"] for c in step_calls) < sum(c["seconds"] for c in calls):
+                    calls = step_calls  # the fastest timed step's calls (the least disturbed by the machine)
         if first_grads is None:
             first_grads = grads
         losses.append(loss)
     peak = _rss()["VmHWM"] - baseline
     np.save(grads_out, _flat(first_grads, names).astype(np.float32))
     return {"method": method, "peak_measured_bytes": int(peak), "step_times_s": times,
-            "step_time_s": float(np.median(times)), "losses": losses, "baseline_rss_bytes": baseline}
+            "step_time_s": float(np.median(times)), "losses": losses, "baseline_rss_bytes": baseline,
+            "calls": calls, "step_flops": step_flops, "threads": threads()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -152,6 +173,10 @@ def _run_worker(method: str, bundle: Path, steps: int, lr: float, seed: int, out
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _times(k: int, v: int | None) -> int | None:
+    return None if v is None else k * v
 
 
 def _ratio(a, b):
@@ -237,10 +262,14 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
         raise BundleError(f"unknown or repeated method(s) / format(s) {unknown or list(quants)}; choose from "
                           f"{', '.join(METHODS)} and {', '.join(SCHEMES)}")
     out.mkdir(parents=True, exist_ok=True)
+    n_threads = set_threads(threads())  # one count for the GEMM probe, every runtime and the baseline
     needed = {"mebp" if m == "mebp" else "mesp" for m in methods}  # mezo and autograd read the mesp bundle
     built = tuple(m for m in ("mesp", "mebp") if m in needed)
     bundles = build_bundles(model, runtime, seq_len, weights, out, say, quants, built)
     manifests = {m: json.loads((bundles[m] / "manifest.json").read_text()) for m in bundles}
+    gemm_shape = speed.widest_product(next(iter(manifests.values())))
+    gemm = [speed.gemm_throughput(*gemm_shape)]
+    say(f"float32 GEMM {'x'.join(map(str, gemm_shape))} with {n_threads} thread(s): {gemm[0] / 1e9:.1f} GFLOP/s")
     runs = [(label(m, q), m, q) for m in methods for q in (quants if m in ("mesp", "mebp") else quants[:1])]
     results = {}
     for name, method, quant in runs:
@@ -250,8 +279,24 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
         m = manifests[label("mebp" if method == "mebp" else "mesp", quant)]["memory"]
         planned = {"mesp": m["train_step"]["peak_planned_bytes"], "mebp": m["train_step"]["peak_planned_bytes"],
                    "mezo": m["eval_loss"]["peak_planned_bytes"]}.get(method)
+        manifest = manifests[label("mebp" if method == "mebp" else "mesp", quant)]
+        if method != "autograd":
+            r["step_flops"] = (speed.schedule_flops(manifest, "train_step") if method != "mezo" else
+                               _times(2, speed.schedule_flops(manifest, "eval_loss")))
         results[name] = {"peak_planned_bytes": planned, **r}
-        say(f"  {name}: step {r['step_time_s']:.2f}s, peak measured {r['peak_measured_bytes'] / 1e6:.1f} MB")
+        say(f"  {name}: step {r['step_time_s']:.2f}s, peak measured {r['peak_measured_bytes'] / 1e6:.1f} MB"
+            + (f", {r['step_flops'] / r['step_time_s'] / 1e9:.1f} GFLOP/s" if r["step_flops"] else ""))
+    gemm.append(speed.gemm_throughput(*gemm_shape))
+    gemm_flops = max(gemm)  # before and after the methods ran: the machine's best, on these shapes
+    say(f"float32 GEMM after the methods: {gemm[1] / 1e9:.1f} GFLOP/s; the limit used: {gemm_flops / 1e9:.1f}")
+    for r in results.values():
+        r["gflop_per_s"] = r["step_flops"] / r["step_time_s"] / 1e9 if r["step_flops"] else None
+        r["gemm_fraction"] = r["gflop_per_s"] * 1e9 / gemm_flops if r["gflop_per_s"] else None
+    call_runs = {name: r["calls"] for name, r in results.items() if r["calls"]}
+    if call_runs:
+        speed.plot_call_times(call_runs, out / "time_per_call.png",
+                              f"{Path(model).name}: time per call of one training step, {runtime}, "
+                              f"sequence {seq_len}, {n_threads} thread(s)")
     exact = np.load(results["autograd"]["grads_file"]) if "autograd" in results else None
     for name, r in results.items():
         r["grad_cosine"] = None if exact is None or name == "autograd" else _cosine(np.load(r["grads_file"]), exact)
@@ -265,9 +310,18 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
                      "lora_rank": manifests[label("mesp", quants[0])]["lora"]["rank"],
                      "lora_targets": manifests[label("mesp", quants[0])]["lora"]["targets"],
                      "weights": manifests[label("mesp", quants[0])]["weights"]["source"], "steps": steps, "lr": lr,
-                     "seed": seed, "machine": f"{os.cpu_count()} cores", "quant": list(quants)},
+                     "seed": seed, "machine": f"{os.cpu_count()} cores", "quant": list(quants),
+                     "threads": n_threads, "gemm_shape": list(gemm_shape), "gemm_gflop_per_s": gemm_flops / 1e9,
+                     "gemm_gflop_per_s_before_after": [g / 1e9 for g in gemm]},
         "methods": {m: {"peak_planned_bytes": r["peak_planned_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
-                        "step_time_s": r["step_time_s"], "grad_cosine": r["grad_cosine"]} for m, r in results.items()},
+                        "step_time_s": r["step_time_s"], "grad_cosine": r["grad_cosine"],
+                        "step_gflop": r["step_flops"] / 1e9 if r["step_flops"] else None,
+                        "gflop_per_s": r["gflop_per_s"], "gemm_fraction": r["gemm_fraction"]}
+                    for m, r in results.items()},
+        "time_per_call": {m: {"calls": r["calls"],
+                              "by_graph": speed.time_by_graph(r["calls"], manifests[label(
+                                  "mebp" if m.startswith("mebp") else "mesp", m.partition("-")[2] or "none")])}
+                          for m, r in results.items() if r["calls"]},
         "memory_per_call": {m: [{k: c[k] for k in ("graph", "layer", "planned_bytes", "measured_bytes")}
                                 for c in t["calls"]] for m, t in timelines.items()},
         "convergence": conv,
@@ -293,10 +347,16 @@ def markdown_table(report: dict) -> str:
     lines = [f"{s['model']} ({s['weights']}), {s['runtime']}, float32 compute, frozen weights "
              f"{', '.join('float32' if q == 'none' else q for q in quants)}, sequence {s['seq_len']}, batch 1, "
              f"LoRA rank {s['lora_rank']} on {','.join(s['lora_targets'])}, {s['machine']}; median of {s['steps']} steps.",
+             f"Threads: {s.get('threads', 'n/a')} for every runtime and PyTorch. Float32 GEMM limit "
+             + (f"{s['gemm_gflop_per_s']:.1f} GFLOP/s ({'x'.join(map(str, s['gemm_shape']))}, best of the probes "
+                f"before and after the methods ran: "
+                f"{', '.join(f'{g:.1f}' for g in s['gemm_gflop_per_s_before_after'])})." if "gemm_gflop_per_s" in s
+                else "not measured."),
              "",
              "| method | peak planned MB | peak measured MB | step s | grad cosine | planned / mebp | measured / mebp "
-             "| measured / autograd | time / mebp | time / autograd | planned / float32 | time / float32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| measured / autograd | time / mebp | time / autograd | planned / float32 | time / float32 "
+             "| step GFLOP | GFLOP/s | of GEMM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
         method, _, quant = m.partition("-")
         ref_m = rows.get(label("mebp", quant or "none"))
@@ -310,8 +370,20 @@ def markdown_table(report: dict) -> str:
             f"{x(_ratio(r['step_time_s'], ref_m and ref_m['step_time_s']))} | "
             f"{x(_ratio(r['step_time_s'], ref_a and ref_a['step_time_s']))} | "
             f"{x(_ratio(r['peak_planned_bytes'], ref_f and ref_f['peak_planned_bytes']))} | "
-            f"{x(_ratio(r['step_time_s'], ref_f and ref_f['step_time_s']))} |")
+            f"{x(_ratio(r['step_time_s'], ref_f and ref_f['step_time_s']))} | "
+            f"{num(r.get('step_gflop'), '.4g')} | {num(r.get('gflop_per_s'), '.1f')} | "
+            f"{num(r.get('gemm_fraction') and 100 * r['gemm_fraction'], '.0f', '%')} |")
+    for m, t in report.get("time_per_call", {}).items():
+        lines += ["", f"Where the time of one {m} step goes (its fastest timed step, "
+                      f"{sum(c['seconds'] for c in t['calls']):.2f} s):", "",
+                  "| graph | calls | s | share | GFLOP/s |", "|---|---|---|---|---|"]
+        lines += [f"| {g['kind']} | {g['calls']} | {g['seconds']:.3f} | {100 * g['share']:.1f}% | "
+                  f"{num(g['gflop_per_s'], '.1f')} |" for g in t["by_graph"]]
     return "\n".join(lines) + "\n"
+
+
+def num(v, fmt: str, unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:{fmt}}{unit}"
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runtime_harness", description="Replay device bundles: verify, measure, train.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--threads", type=positive_int, metavar="N",
+                        help="threads for every runtime and for PyTorch (the reference and the autograd baseline); "
+                             "default: $ONDEVICE_LORA_THREADS, else the usable cores")
 
-    v = sub.add_parser("verify", help="one step vs transformers + PEFT + autograd; exit 1 on a mismatch")
+    v = sub.add_parser("verify", parents=[common], help="one step vs transformers + PEFT + autograd; exit 1 on a mismatch")
     v.add_argument("bundle", type=Path)
     v.add_argument("--runtime", choices=RUNTIMES, help="default: the bundle's backend")
     v.add_argument("--adapter", type=Path, help="PEFT adapter folder (default: a seeded nonzero LoRA)")
@@ -33,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--report", type=Path, help="where to write report.json (default: BUNDLE/../<bundle>-verify/"
                    "report.json); written before the verdict is printed")
 
-    g = sub.add_parser("grads", help="loss and LoRA gradients of one step, PEFT-named, to a safetensors file")
+    g = sub.add_parser("grads", parents=[common], help="loss and LoRA gradients of one step, PEFT-named, to a safetensors file")
     g.add_argument("bundle", type=Path)
     g.add_argument("--input-ids", type=Path, required=True, help=".npy of shape (batch, seq_len)")
     g.add_argument("--labels", type=Path, help=".npy like --input-ids (default: the input ids)")
@@ -43,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
     from runtime_harness.data import FORMATS
 
-    t = sub.add_parser("train", help="fine-tune through the exported graphs; loss curves + PEFT adapters")
+    t = sub.add_parser("train", parents=[common], help="fine-tune through the exported graphs; loss curves + PEFT adapters")
     t.add_argument("bundle", type=Path)
     t.add_argument("--data", type=Path, help="plain text, or JSONL of chat messages, prompt/completion pairs or "
                                               "token ids (required unless --resume)")
@@ -65,14 +69,14 @@ def parser() -> argparse.ArgumentParser:
                    "runs/<bundle name>-train); an existing non-empty folder is refused unless --overwrite")
     t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
 
-    m = sub.add_parser("memory", help="planned and measured memory per call of one step, with a timeline plot")
+    m = sub.add_parser("memory", parents=[common], help="planned and measured memory per call of one step, with a timeline plot")
     m.add_argument("bundle", type=Path)
     m.add_argument("--runtime", choices=RUNTIMES, help="must be the bundle's backend (default: it)")
     m.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"),
                    help="which schedule to measure (default: %(default)s)")
     m.add_argument("--out", type=Path, help="default: runs/<bundle name>-memory")
 
-    b = sub.add_parser("bench", help="MeSP vs MeBP vs autograd vs MeZO side by side: memory, time, gradients, plots")
+    b = sub.add_parser("bench", parents=[common], help="MeSP vs MeBP vs autograd vs MeZO side by side: memory, time, gradients, plots")
     b.add_argument("--model", required=True, help="registry name or checkpoint folder")
     b.add_argument("--runtime", choices=("ort", "executorch"), default="executorch",
                    help="runtime of the bundles (default: %(default)s)")
@@ -299,8 +303,8 @@ def run_bench(args) -> int:
                   convergence_steps=args.convergence_steps, say=lambda s: print(s, flush=True), quants=quants)
     except BuildError as e:
         raise BundleError(str(e)) from None
-    print(f"results: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'memory_per_call.png'}"
-          + (f", {out / 'convergence.png'}" if args.convergence_steps else ""))
+    plots = [out / f for f in ("memory_per_call.png", "time_per_call.png", "convergence.png") if (out / f).exists()]
+    print(f"results: {', '.join(map(str, [out / 'bench.json', out / 'bench.md', *plots]))}")
     return 0
 
 
@@ -315,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            from exporter.threads import set_threads
+
+            set_threads(args.threads)
         with signals_interrupt():
             return COMMANDS[args.command](args)
     except (BundleError, RuntimeUnavailable, OutputError) as e:

@@ -238,6 +238,27 @@ def delegate_heap_bytes(path: Path, graph: GraphDef) -> int:
     return max(0, int(json.loads(done.stdout.strip().splitlines()[-1])["loaded_and_run"]))
 
 
+_loaded_with: list[int] = []  # the threadpool size this process's first program was loaded with
+
+
+def use_threads() -> None:
+    """Size ExecuTorch's shared threadpool (XNNPACK's workers) to `exporter.threads.threads()` before the
+    process's first program loads. XNNPACK delegates keep the pool they were created with, so once a
+    program is loaded, another count is refused (ThreadsError) rather than silently ignored."""
+    from executorch.extension.pybindings import portable_lib
+
+    from exporter.threads import ThreadsError, threads
+
+    n = threads()
+    if not _loaded_with:
+        if portable_lib._threadpool_get_thread_count() != n:
+            portable_lib._unsafe_reset_threadpool(n)
+        _loaded_with.append(n)
+    elif _loaded_with[0] != n:
+        raise ThreadsError(f"ExecuTorch already runs with {_loaded_with[0]} threads in this process; "
+                           f"{n} takes a new process")
+
+
 class ExecuTorchBackend(Backend):
     name = "executorch"
     weights_in_graphs = False
@@ -282,6 +303,7 @@ class ExecuTorchBackend(Backend):
         stamp = (st.st_mtime_ns, st.st_size)
         cached = self._programs.get(path)
         if cached is None or cached[0] != stamp:
+            use_threads()
             cached = self._programs[path] = (stamp, Runtime.get().load_program(path))
         return cached[1]
 

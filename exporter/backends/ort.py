@@ -118,24 +118,20 @@ def _save(model, path: Path) -> str | None:
 
 def session_options(num_threads: int | None = None):
     """CPU session settings: no memory arena (freed tensors go back to the system, so measured memory
-    follows tensor lifetimes), sequential execution, intra-op threads = usable cores unless given."""
+    follows tensor lifetimes), sequential execution, intra-op threads = `exporter.threads.threads()`
+    unless given."""
     import onnxruntime as ort
+
+    from exporter.threads import threads
 
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = False
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = num_threads or _usable_cores()
+    so.intra_op_num_threads = num_threads or threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 _NP_DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
@@ -147,7 +143,7 @@ class OrtBackend(Backend):
 
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads
-        self._sessions: dict[tuple, object] = {}  # (path, mtime, size) -> InferenceSession
+        self._sessions: dict[tuple, object] = {}  # (path, mtime, size, threads) -> InferenceSession
 
     # ---- lowering
     def lower(self, program: str, graphs: list[GraphDef], out_dir: Path) -> list[LoweredGraph]:
@@ -169,9 +165,11 @@ class OrtBackend(Backend):
     def _session(self, path: Path):
         import onnxruntime as ort
 
+        from exporter.threads import threads
+
         path = Path(path).resolve()
         st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
+        key = (str(path), st.st_mtime_ns, st.st_size, self.num_threads or threads())
         sess = self._sessions.get(key)
         if sess is None:
             for old in [k for k in self._sessions if k[0] == key[0]]:  # a rebuilt file: drop the stale session
