@@ -1,4 +1,4 @@
-"""`python -m runtime_harness {verify,grads,train,memory,bench}`: parse, call one function, print."""
+"""`python -m runtime_harness {verify,grads,train,memory,profile,bench}`: parse, call one function, print."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"),
                    help="which schedule to measure (default: %(default)s)")
     m.add_argument("--out", type=Path, help="default: runs/<bundle name>-memory")
+
+    pr = sub.add_parser("profile", parents=[common], help="where an ONNX Runtime step's time goes (ORT's profiler)")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"),
+                    help="which schedule to profile (default: %(default)s)")
+    pr.add_argument("--out", type=Path, help="default: runs/<bundle name>-profile")
 
     b = sub.add_parser("bench", parents=[common], help="MeSP vs MeBP vs autograd vs MeZO side by side: memory, time, gradients, plots")
     b.add_argument("--model", required=True, help="registry name or checkpoint folder")
@@ -270,6 +276,17 @@ def run_memory(args) -> int:
     return 0
 
 
+def run_profile(args) -> int:
+    from runtime_harness.profile import format_summary, profile
+
+    out = run_dir(args.out or Path("runs") / f"{args.bundle.name}-profile", args.bundle, overwrite=True)
+    with removed_on_failure(out):  # (writes profile.json, profile.png and trace-*.json; replaces only those)
+        summary = profile(args.bundle, out, args.schedule)
+    print(format_summary(summary))
+    print(f"summary: {out / 'profile.json'}, {out / 'profile.png'}; ORT traces (chrome://tracing): {out}/trace-*.json")
+    return 0
+
+
 def run_bench(args) -> int:
     from exporter.build import BuildError
     from runtime_harness.bench import bench
@@ -308,7 +325,8 @@ def run_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"verify": run_verify, "grads": run_grads, "train": run_train, "memory": run_memory, "bench": run_bench}
+COMMANDS = {"verify": run_verify, "grads": run_grads, "train": run_train, "memory": run_memory,
+            "profile": run_profile, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,11 +123,14 @@ class BundleRunner:
     """Runs a bundle's graphs with the runtime of its backend, or `runtime` where it can run them (`mil`:
     the NumPy MIL interpreter runs Core ML bundles on any OS). `self.backend.runtime` says which ran."""
 
-    def __init__(self, bundle: Path, runtime: str | None = None, check_files: bool = True):
+    def __init__(self, bundle: Path, runtime: str | None = None, check_files: bool = True,
+                 backend_instance=None):
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle, check_files)
         backend = self.manifest["backend"]
-        if runtime is None or runtime == backend:
+        if backend_instance is not None:  # a configured runtime of the bundle's backend (a profiling ORT)
+            self.backend = backend_instance
+        elif runtime is None or runtime == backend:
             self.backend = get_backend(backend)
         else:
             try:

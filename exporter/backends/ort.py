@@ -141,8 +141,9 @@ class OrtBackend(Backend):
     name = "ort"
     weights_in_graphs = False
 
-    def __init__(self, num_threads: int | None = None):
+    def __init__(self, num_threads: int | None = None, profile_prefix: Path | None = None):
         self.num_threads = num_threads
+        self.profile_prefix = profile_prefix  # set: every session records ORT's profile (`end_profiling`)
         self._sessions: dict[tuple, object] = {}  # (path, mtime, size, threads) -> InferenceSession
 
     # ---- lowering
@@ -174,10 +175,22 @@ class OrtBackend(Backend):
         if sess is None:
             for old in [k for k in self._sessions if k[0] == key[0]]:  # a rebuilt file: drop the stale session
                 del self._sessions[old]
-            sess = ort.InferenceSession(str(path), sess_options=session_options(self.num_threads),
-                                        providers=["CPUExecutionProvider"])
+            options = session_options(self.num_threads)
+            if self.profile_prefix is not None:
+                options.enable_profiling = True
+                options.profile_file_prefix = f"{self.profile_prefix}_{path.stem.replace('.', '_')}"
+            sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
             self._sessions[key] = sess
         return sess
+
+    def end_profiling(self) -> list[tuple[str, str, int]]:
+        """Stop profiling every session: (graph file name, ORT's trace JSON, the profile's start in
+        `time.time_ns()` units: ORT reads the system clock) per session; event `ts` values are microseconds after that start."""
+        done = []
+        for key, sess in self._sessions.items():
+            done.append((Path(key[0]).name, sess.end_profiling(), sess.get_profiling_start_time_ns()))
+        self._sessions.clear()
+        return done
 
     def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
         sess = self._session(Path(bundle_dir) / graph["file"])

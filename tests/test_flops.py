@@ -1,0 +1,60 @@
+"""FLOPs counted from a graph's shapes (`exporter.flops`) against the closed formula of a decoder layer
+and of the loss head, for every family; and the manifest's per-graph `flops` on every backend."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter import graph_defs as gd
+from exporter.backends import BACKEND_NAMES
+from exporter.flops import graph_flops
+from graphs.config import LoraConfig
+from helpers import TINY_FAMILY_SPECS
+
+
+def layer_forward_flops(spec, lora: LoraConfig, tokens: int, kind: str) -> int:
+    """2 T (sum over the projections of out x in) + LoRA's 2 T r (in + out) per target + attention's QK^T
+    and PV, 2 head_dim per score and query head each: causal layers compute all T^2 scores (the mask
+    comes after), sliding layers only their query blocks' key bands (`graphs.ops.attention_blocks`)."""
+    from graphs.ops import attention_blocks
+
+    shapes = spec.layer_weight_shapes()
+    dense = sum(o * i for n, (o, i) in ((n, s) for n, s in shapes.items() if n.endswith("proj.weight")))
+    low_rank = sum(lora.rank * (o + i) for o, i in (shapes[f"{m}.weight"] for m in lora.modules))
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
+    scores = sum((q.stop - q.start) * (k.stop - k.start) for q, k in attention_blocks(tokens, spec.window(kind)))
+    return 2 * tokens * (dense + low_rank) + 2 * (2 * scores * head_dim * spec.num_heads)
+
+
+@pytest.mark.parametrize("method", ["mesp", "mebp"])
+@pytest.mark.parametrize("family", list(TINY_FAMILY_SPECS))
+def test_layer_flops_match_the_formula(family, method):
+    spec = TINY_FAMILY_SPECS[family]
+    lora = LoraConfig(seq_len=8)
+    s = gd.StepShapes(spec, lora, method=method)
+    for kind in spec.attention_kinds:
+        forward, backward = gd.layer_graphs(s, kind)
+        assert graph_flops(forward) == layer_forward_flops(spec, lora, 8, kind), kind
+        # the backward recomputes the forward and multiplies dy back through every matrix (and LoRA's
+        # factors): more than twice the forward, less than three times
+        assert 2 * graph_flops(forward) < graph_flops(backward) < 3 * graph_flops(forward), kind
+
+
+def test_head_flops_are_the_logits_and_their_gradient():
+    spec = TINY_FAMILY_SPECS["qwen2"]
+    s = gd.StepShapes(spec, LoraConfig(seq_len=8), vocab_chunk_rows=64)
+    assert graph_flops(gd.head_chunk_graph(s)) == 2 * (2 * 8 * spec.hidden_size * s.chunk_rows)
+    assert graph_flops(gd.embed_chunk_graph(s)) == 0  # a gather
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_every_graph_of_a_bundle_carries_its_flops(tiny_bundles, backend):
+    bundle = tiny_bundles("qwen2", backend)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = TINY_FAMILY_SPECS["qwen2"]
+    lora = LoraConfig(**{k: manifest["lora"][k] for k in ("rank", "alpha")}, seq_len=manifest["seq_len"])
+    for graph in manifest["graphs"].values():
+        assert graph["flops"] >= 0
+        if graph["kind"] == "layer_forward":
+            assert graph["flops"] == layer_forward_flops(spec, lora, manifest["seq_len"], graph["attention"])
