@@ -22,7 +22,7 @@ Quantized weights (`StepShapes.quant`, see `graphs.quant`): each projection matr
 `<module>_qweight` (uint8 codes), `<module>_scales`, `<module>_zeros` instead of `<module>_weight`, and
 the embedding / LM-head chunk `weight` becomes `weight_qweight`, `weight_scales`, `weight_zeros`. The
 graphs dequantize only the rows or columns each block reads (`graphs.quant.QuantizedWeight`); the loss
-head dequantizes its chunk `HEAD_DEQUANT_ROWS` rows at a time (online softmax over the sub-blocks).
+head reads its chunk `HEAD_BLOCK_ROWS` rows at a time (online softmax over the sub-blocks).
 """
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ from graphs.family import Family, get_family
 Tensor = torch.Tensor
 METHODS = ("mesp", "mebp")
 OPTIMIZERS = ("sgd", "adamw")
-HEAD_DEQUANT_ROWS = 2048  # quantized LM-head rows dequantized at once inside a head_chunk call
+# LM-head rows multiplied at once inside a head_chunk call (an online-softmax step per sub-block, float32
+# or quantized): bounds the logits and their gradient (tokens x rows), a quantized block's dequantized
+# copy, and the packed copy of the right-hand matrix that XNNPACK keeps in its workspace (7.3 MB at
+# hidden 896) whatever the vocabulary chunk
+HEAD_BLOCK_ROWS = 2048
 
 
 def ident(name: str) -> str:
@@ -232,8 +236,8 @@ class AutodiffTraced(torch.nn.Module):
 
 
 class HeadChunk(torch.nn.Module):
-    """One vocabulary chunk of the online-softmax loss head; a quantized chunk is dequantized and folded in
-    `HEAD_DEQUANT_ROWS` rows at a time (the same online-softmax step per sub-block)."""
+    """One vocabulary chunk of the online-softmax loss head, folded in `HEAD_BLOCK_ROWS` rows at a time (the
+    same online-softmax step per sub-block; a quantized sub-block is dequantized on its own)."""
 
     def __init__(self, shapes: StepShapes):
         super().__init__()
@@ -245,10 +249,11 @@ class HeadChunk(torch.nn.Module):
         *weight, offset, mu, s, P, T = rest
         w = _matrix(weight, self.fmt)
         state = (mu, s, P, T)
-        if self.fmt is None:
-            blocks = [(0, w)]
+        rows = w.shape[0]
+        if rows <= HEAD_BLOCK_ROWS:
+            blocks = [(0, w if self.fmt is None else w[0:rows])]
         else:
-            blocks = [(start, w[start:start + HEAD_DEQUANT_ROWS]) for start in range(0, w.shape[0], HEAD_DEQUANT_ROWS)]
+            blocks = [(start, w[start:start + HEAD_BLOCK_ROWS]) for start in range(0, rows, HEAD_BLOCK_ROWS)]
         for start, rows in blocks:
             state = head_math.head_chunk(x, norm_weight, labels, rows, offset + start if start else offset, *state,
                                          self.eps, self.vocab, self.norm_offset)

@@ -30,31 +30,38 @@ def step_shapes(method: str = "mesp") -> gd.StepShapes:
     return gd.StepShapes(SPEC, LORA, method=method, vocab_chunk_rows=ROWS)
 
 
+HEAD_BLOCK = 48  # head sub-blocks of the test: 48 + 48 + 32 rows of a 128-row chunk (a shorter last block)
+
+
 @pytest.fixture(scope="module")
 def xnnpack(tmp_path_factory) -> dict:
     """graph id -> (bundle dir, GraphDef, manifest entry, backend): the MeSP layer program and the loss head
-    lowered by the XNNPACK backend, as a build lowers them (only the layer goes through XNNPACK)."""
+    lowered by the XNNPACK backend, as a build lowers them; the head folds its chunk in sub-blocks of
+    HEAD_BLOCK rows (eager and lowered alike, for the module's tests)."""
     backend = get_backend("executorch").with_delegate("xnnpack")
     folder = tmp_path_factory.mktemp("xnnpack-graphs")
     s = step_shapes()
     out = {}
-    for program, defs in {"layer": gd.layer_graphs(s, "full_attention"),
-                          "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}.items():
-        for g, lg in zip(defs, backend.lower(program, defs, folder)):
-            out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gd, "HEAD_BLOCK_ROWS", HEAD_BLOCK)
+        for program, defs in {"layer": gd.layer_graphs(s, "full_attention"),
+                              "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}.items():
+            for g, lg in zip(defs, backend.lower(program, defs, folder)):
+                out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
+        yield out
 
 
 def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
-    """Every layer method makes delegate calls; arena_bytes = the planned arena + the heap XNNPACK keeps (its
-    workspace: a packed copy of the largest right-hand matrix), so it exceeds the plan. The head stays on
-    the portable kernels (`delegated_program`): no delegate, arena_bytes is the plan."""
-    for graph_id in ("layer.layer_forward", "layer.layer_backward"):
+    """Every layer method and head_chunk make delegate calls (head_chunk: the logits and their gradient,
+    per sub-block); arena_bytes = the planned arena + the heap XNNPACK keeps (its workspace: a packed copy
+    of the largest right-hand matrix), so it exceeds the plan. head_finish has no product: no delegate,
+    arena_bytes is the plan."""
+    for graph_id in ("layer.layer_forward", "layer.layer_backward", "head.head_chunk"):
         entry = xnnpack[graph_id][2]
         assert entry["delegate_calls"] > 0 and entry["delegate_heap_bytes"] > 0, graph_id
         assert entry["arena_bytes"] > entry["delegate_heap_bytes"], graph_id
-    for graph_id in ("head.head_chunk", "head.head_finish"):
-        assert xnnpack[graph_id][2]["delegate_calls"] == xnnpack[graph_id][2]["delegate_heap_bytes"] == 0
+    assert xnnpack["head.head_chunk"][2]["delegate_calls"] == 2 * 3  # x W^T and dlogits W, 3 sub-blocks
+    assert xnnpack["head.head_finish"][2]["delegate_calls"] == xnnpack["head.head_finish"][2]["delegate_heap_bytes"] == 0
 
 
 def test_planned_arena_stays_near_the_portable_one(xnnpack):
@@ -97,6 +104,15 @@ def test_head_graphs_equal_eager(xnnpack):
         state = [torch.from_numpy(t) for t in want]
     got, want = run_both(xnnpack["head.head_finish"], [x, w, labels, *state])
     assert_close(got, want, ["loss", "dx"])
+    # the sub-blocks are one online softmax: the same loss and dx as the whole chunk at once
+    whole = [torch.full(s.tokens, float("-inf")), torch.zeros(s.tokens), torch.zeros(s.hidden), torch.zeros(s.hidden)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gd, "HEAD_BLOCK_ROWS", C)
+        chunk = gd.head_chunk_graph(s).module
+        for c in range(s.num_chunks):
+            whole = list(chunk(x, w, labels, E[c * C:(c + 1) * C], torch.tensor([c * C]), *whole))
+    single = gd.head_finish_graph(s).module(x, w, labels, *whole)
+    assert_close([t.numpy() for t in single], want, ["loss", "dx"])
 
 
 @pytest.mark.parametrize("quant, group_size", [("none", None), ("int4", 16)])
@@ -105,7 +121,8 @@ def test_xnnpack_bundle_verifies(tiny_bundles, quant, group_size):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["delegate"] == "xnnpack"
     assert {k for k, g in manifest["graphs"].items() if g["delegate_calls"]} == {"layer.layer_forward",
-                                                                                "layer.layer_backward"}
+                                                                                "layer.layer_backward",
+                                                                                "head.head_chunk"}
     report = verify(bundle, seed=0)
     assert len(report["tensors"]) == SPEC.num_layers * 14
     assert report["ok"], format_report(report, 5)

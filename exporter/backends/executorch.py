@@ -7,9 +7,9 @@ layer, and no weight is ever baked into a program.
 
 Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
 
-- `xnnpack`: in the layer programs (`delegated_program`: embed, head and optimizer stay portable; the
-  head's vocabulary-chunk products would keep a 28.7 MB packed copy of the chunk in XNNPACK's workspace
-  for the whole run, measured peak +12.5%, for a 1.2x faster head_chunk), every matrix product
+- `xnnpack`: in the layer programs and the loss head's chunk (`delegated_program`: embed, head_finish
+  and optimizer have no products and stay portable; the head multiplies its chunk 2048 rows at a time,
+  so XNNPACK's packed copy of it is 7.3 MB, not the chunk's 28.7 MB), every matrix product
   (linear / addmm / mm / bmm) is its own XNNPACK partition
   (`_matmul_partitioner`: per-op mode, the right-hand matrix a runtime input, so XNNPACK reads W as
   given: no transposed copy of W, no constant); everything else (norms, RoPE, softmax, masks, the
@@ -57,13 +57,13 @@ def _matmul_partitioner():
     weights are graph inputs, not constants). It records each method's node order before partitioning
     (`orders`, one name -> position dict per method, in the order the methods are partitioned)."""
     from executorch.backends.xnnpack.partition.config.gemm_configs import AddmmConfig, LinearConfig, MMConfig
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig, CatConfig, FloorConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class MatmulPartitioner(XnnpackPartitioner):
         def __init__(self):
-            super().__init__(configs=[LinearConfig, AddmmConfig, MMConfig, BMMConfig], per_op_mode=True,
-                             force_non_static_weights_for_f32_linear=True)
+            super().__init__(configs=[LinearConfig, AddmmConfig, MMConfig, BMMConfig, CatConfig, FloorConfig],
+                             per_op_mode=True, force_non_static_weights_for_f32_linear=True)
             self.orders: list[dict[str, int]] = []
 
         def partition(self, exported_program):
@@ -179,15 +179,17 @@ def delegate_calls(et_program) -> dict[str, int]:
     return {plan.name: len(plan.delegates) for plan in et_program.executorch_program.execution_plan}
 
 
-# graph kinds lowered through the delegate; the other programs stay on the portable kernels
-DELEGATED_KINDS = ("layer_forward", "layer_backward")
+# graph kinds lowered through the delegate; the other programs (embedding gather, head_finish, optimizer:
+# no matrix products) stay on the portable kernels
+DELEGATED_KINDS = ("layer_forward", "layer_backward", "head_chunk")
 
 
 def delegated_program(graphs: list[GraphDef]) -> bool:
-    """Whether a program goes through the delegate: the layer programs only (nearly all of a step's time).
-    The loss head's products multiply by a whole vocabulary chunk (8192 x 896 for Qwen2.5-0.5B): XNNPACK
-    packs that right-hand matrix into its workspace (28.7 MB), which stays allocated for the whole run
-    (measured peak +12.5%) for a 1.2x faster head_chunk (its time is mostly the softmax, not the product)."""
+    """Whether a program goes through the delegate: the layer programs and the loss head, which together
+    do every matrix product of a step (the head's logits and their gradient are ~20% of a Qwen2.5-0.5B
+    step's FLOPs, and on the portable kernels ~40% of its time). The head multiplies its vocabulary chunk
+    `graph_defs.HEAD_BLOCK_ROWS` rows at a time, so the packed copy of the right-hand matrix that XNNPACK
+    keeps in its workspace is one such block (2048 x 896 floats, 7.3 MB), not the whole chunk (28.7 MB)."""
     return any(g.kind in DELEGATED_KINDS for g in graphs)
 
 
