@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
 import shutil
 import sys
 import time

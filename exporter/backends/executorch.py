@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from exporter.backends.base import Backend, GraphFn, LoweredGraph
+from exporter.config import DELEGATES
 from exporter.graph_defs import GraphDef
 
 _NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "uint8": np.dtype(np.uint8)}
@@ -149,7 +150,7 @@ def lower_to_executorch(graphs: list[GraphDef], delegate: str = "none"):
     kinds = [g.kind for g in graphs]
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"one program cannot hold two graphs of one kind: {kinds}")
-    if delegate not in ("xnnpack", "none"):
+    if delegate not in DELEGATES["executorch"]:
         raise ValueError(f"unknown ExecuTorch delegate {delegate!r}")
     exported = {g.kind: torch.export.export(g.module, g.example_inputs()) for g in graphs}
     # The edge dialect's IR check stays on: an op outside core ATen fails here, not on the device.
@@ -272,7 +273,7 @@ class ExecuTorchBackend(Backend):
 
     def with_delegate(self, delegate: str | None) -> "ExecuTorchBackend":
         """This backend lowering through `delegate` ("xnnpack" or "none"; None: the default, xnnpack)."""
-        from exporter.config import DEFAULT_DELEGATE, DELEGATES
+        from exporter.config import DEFAULT_DELEGATE
 
         delegate = DEFAULT_DELEGATE[self.name] if delegate is None else delegate
         if delegate not in DELEGATES[self.name]:
