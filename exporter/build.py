@@ -77,8 +77,9 @@ def resolve(config: BuildConfig) -> Resolved:
         outputs.check_creatable(out)
         outputs.check_replaceable(out)
         fmt = quant.QuantFormat.make(config.quant, config.quant_group_size)
+        backend = get_backend(config.backend).with_delegate(delegate_of(config))
         shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
-                               config.mlp_blocks, fmt)
+                               config.mlp_blocks, fmt, backend.head_block_rows)
         check_trainable(shapes)
         check_quantizable(shapes)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
@@ -294,7 +295,7 @@ def _program_settings(s: gd.StepShapes, program: Program) -> dict:
         return {**common, "chunk_rows": s.chunk_rows, "scale_embedding": fam.scale_embedding}
     if program.role == "head":
         return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps,
-                "norm_offset": fam.norm_offset}
+                "norm_offset": fam.norm_offset, "head_block_rows": s.head_block_rows}
     if program.role == "optimizer":
         return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}  # (no frozen weights)
     return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks,

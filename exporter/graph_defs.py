@@ -40,10 +40,11 @@ from graphs.family import Family, get_family
 Tensor = torch.Tensor
 METHODS = ("mesp", "mebp")
 OPTIMIZERS = ("sgd", "adamw")
-# LM-head rows multiplied at once inside a head_chunk call (an online-softmax step per sub-block, float32
-# or quantized): bounds the logits and their gradient (tokens x rows), a quantized block's dequantized
-# copy, and the packed copy of the right-hand matrix that XNNPACK keeps in its workspace (7.3 MB at
-# hidden 896) whatever the vocabulary chunk
+# LM-head rows multiplied at once inside a head_chunk call (an online-softmax step per sub-block): for a
+# quantized chunk always (it bounds the dequantized copy), for a float32 chunk where the backend asks
+# (`StepShapes.head_block_rows`: ExecuTorch with XNNPACK, whose workspace keeps a packed copy of the
+# right-hand matrix, 7.3 MB at hidden 896 instead of a whole chunk's 28.7 MB). ONNX Runtime copies every
+# slice of an input, which made its float head 1.5x slower in blocks, so it multiplies the whole chunk.
 HEAD_BLOCK_ROWS = 2048
 
 
@@ -97,6 +98,9 @@ class StepShapes:
     vocab_chunk_rows: int = VOCAB_CHUNK_ROWS
     mlp_blocks: int = MLP_BLOCKS
     quant: quant.QuantFormat | None = None  # None: float32 frozen weights
+    # float32 LM-head rows multiplied at once in a head_chunk call (None: the whole chunk); a quantized
+    # chunk is always read HEAD_BLOCK_ROWS rows at a time. The backend picks it (`Backend.head_block_rows`).
+    head_block_rows: int | None = None
 
     @property
     def chunk_rows(self) -> int:
@@ -177,6 +181,7 @@ class EmbedChunk(torch.nn.Module):
         super().__init__()
         self.scale_hidden = shapes.spec.hidden_size if shapes.family.scale_embedding else None
         self.fmt = shapes.quant
+        self.block_rows = HEAD_BLOCK_ROWS if shapes.quant is not None else shapes.head_block_rows
 
     def forward(self, input_ids, *rest):  # (input_ids, weight..., offset, acc)
         *weight, offset, acc = rest
@@ -236,24 +241,26 @@ class AutodiffTraced(torch.nn.Module):
 
 
 class HeadChunk(torch.nn.Module):
-    """One vocabulary chunk of the online-softmax loss head, folded in `HEAD_BLOCK_ROWS` rows at a time (the
-    same online-softmax step per sub-block; a quantized sub-block is dequantized on its own)."""
+    """One vocabulary chunk of the online-softmax loss head, folded in sub-blocks of rows where asked
+    (`HEAD_BLOCK_ROWS`: the same online-softmax step per sub-block; a quantized sub-block is dequantized
+    on its own)."""
 
     def __init__(self, shapes: StepShapes):
         super().__init__()
         self.eps, self.vocab = shapes.spec.rms_norm_eps, shapes.spec.vocab_size
         self.norm_offset = shapes.family.norm_offset
         self.fmt = shapes.quant
+        self.block_rows = HEAD_BLOCK_ROWS if shapes.quant is not None else shapes.head_block_rows
 
     def forward(self, x, norm_weight, labels, *rest):  # (x, norm_weight, labels, weight..., offset, mu, s, P, T)
         *weight, offset, mu, s, P, T = rest
         w = _matrix(weight, self.fmt)
         state = (mu, s, P, T)
-        rows = w.shape[0]
-        if rows <= HEAD_BLOCK_ROWS:
+        rows, step = w.shape[0], self.block_rows or w.shape[0]
+        if rows <= step:
             blocks = [(0, w if self.fmt is None else w[0:rows])]
         else:
-            blocks = [(start, w[start:start + HEAD_BLOCK_ROWS]) for start in range(0, rows, HEAD_BLOCK_ROWS)]
+            blocks = [(start, w[start:start + step]) for start in range(0, rows, step)]
         for start, rows in blocks:
             state = head_math.head_chunk(x, norm_weight, labels, rows, offset + start if start else offset, *state,
                                          self.eps, self.vocab, self.norm_offset)

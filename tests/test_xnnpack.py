@@ -26,29 +26,27 @@ LORA = LoraConfig(rank=4, seq_len=16)
 ROWS = 128
 
 
-def step_shapes(method: str = "mesp") -> gd.StepShapes:
-    return gd.StepShapes(SPEC, LORA, method=method, vocab_chunk_rows=ROWS)
-
-
 HEAD_BLOCK = 48  # head sub-blocks of the test: 48 + 48 + 32 rows of a 128-row chunk (a shorter last block)
+
+
+def step_shapes(method: str = "mesp", head_block_rows: int | None = HEAD_BLOCK) -> gd.StepShapes:
+    return gd.StepShapes(SPEC, LORA, method=method, vocab_chunk_rows=ROWS, head_block_rows=head_block_rows)
 
 
 @pytest.fixture(scope="module")
 def xnnpack(tmp_path_factory) -> dict:
     """graph id -> (bundle dir, GraphDef, manifest entry, backend): the MeSP layer program and the loss head
     lowered by the XNNPACK backend, as a build lowers them; the head folds its chunk in sub-blocks of
-    HEAD_BLOCK rows (eager and lowered alike, for the module's tests)."""
+    HEAD_BLOCK rows."""
     backend = get_backend("executorch").with_delegate("xnnpack")
     folder = tmp_path_factory.mktemp("xnnpack-graphs")
     s = step_shapes()
     out = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gd, "HEAD_BLOCK_ROWS", HEAD_BLOCK)
-        for program, defs in {"layer": gd.layer_graphs(s, "full_attention"),
-                              "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}.items():
-            for g, lg in zip(defs, backend.lower(program, defs, folder)):
-                out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
-        yield out
+    for program, defs in {"layer": gd.layer_graphs(s, "full_attention"),
+                          "head": [gd.head_chunk_graph(s), gd.head_finish_graph(s)]}.items():
+        for g, lg in zip(defs, backend.lower(program, defs, folder)):
+            out[lg.id] = (folder, g, json.loads(json.dumps(lg.to_dict())), backend)
+    return out
 
 
 def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
@@ -106,11 +104,9 @@ def test_head_graphs_equal_eager(xnnpack):
     assert_close(got, want, ["loss", "dx"])
     # the sub-blocks are one online softmax: the same loss and dx as the whole chunk at once
     whole = [torch.full(s.tokens, float("-inf")), torch.zeros(s.tokens), torch.zeros(s.hidden), torch.zeros(s.hidden)]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gd, "HEAD_BLOCK_ROWS", C)
-        chunk = gd.head_chunk_graph(s).module
-        for c in range(s.num_chunks):
-            whole = list(chunk(x, w, labels, E[c * C:(c + 1) * C], torch.tensor([c * C]), *whole))
+    chunk = gd.head_chunk_graph(step_shapes(head_block_rows=None)).module
+    for c in range(s.num_chunks):
+        whole = list(chunk(x, w, labels, E[c * C:(c + 1) * C], torch.tensor([c * C]), *whole))
     single = gd.head_finish_graph(s).module(x, w, labels, *whole)
     assert_close([t.numpy() for t in single], want, ["loss", "dx"])
 
@@ -126,3 +122,11 @@ def test_xnnpack_bundle_verifies(tiny_bundles, quant, group_size):
     report = verify(bundle, seed=0)
     assert len(report["tensors"]) == SPEC.num_layers * 14
     assert report["ok"], format_report(report, 5)
+
+
+def test_only_the_xnnpack_backend_multiplies_the_float_head_in_blocks():
+    """XNNPACK keeps a packed copy of the right-hand matrix: ExecuTorch with XNNPACK folds a float head chunk
+    HEAD_BLOCK_ROWS rows at a time; the others multiply the whole chunk (ONNX Runtime copies every slice)."""
+    assert get_backend("executorch").with_delegate("xnnpack").head_block_rows == gd.HEAD_BLOCK_ROWS
+    assert get_backend("executorch").with_delegate("none").head_block_rows is None
+    assert get_backend("ort").head_block_rows is None and get_backend("coreml").head_block_rows is None

@@ -51,6 +51,9 @@ class Backend:
     weights_in_graphs: bool = False
     #: the delegate its programs are lowered through (`exporter.config.DELEGATES`); None: the backend has none
     delegate: str | None = None
+    #: float32 LM-head rows a head_chunk multiplies at once (`graph_defs.StepShapes.head_block_rows`); None:
+    #: the whole vocabulary chunk
+    head_block_rows: int | None = None
 
     def with_delegate(self, delegate: str | None) -> "Backend":
         """This backend lowering through `delegate` (None: its default). A backend without delegates

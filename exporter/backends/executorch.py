@@ -12,8 +12,12 @@ Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
   so XNNPACK's packed copy of it is 7.3 MB, not the chunk's 28.7 MB), every matrix product
   (linear / addmm / mm / bmm) is its own XNNPACK partition
   (`_matmul_partitioner`: per-op mode, the right-hand matrix a runtime input, so XNNPACK reads W as
-  given: no transposed copy of W, no constant); everything else (norms, RoPE, softmax, masks, the
-  in-graph dequantization of int4/int8 weights) stays on the portable kernels. Fusing the partitions
+  given: no transposed copy of W, no constant), and so is every `cat` and `floor`: the int4 unpacking's
+  nibble split and interleave, whose portable `cat` copies one float at a time (a 4864 x 896 int4
+  matrix: portable dequantization + product 43.6 ms, 29.8 ms with these two ops on XNNPACK, 16.9 ms for
+  the float32 product alone; whole int4 steps 1.2x faster). Everything else (norms, RoPE, softmax,
+  masks, the other dequantization ops) stays on the portable kernels: putting mul and sub on XNNPACK
+  too made float32 steps slower (each op a delegate call). Fusing the partitions
   re-sorts the graph breadth first, and the memory plan follows node order: the MeSP layer_backward
   arena grew 4.4x (tiny test layer: 62 KB to 273 KB). `restore_order` puts the nodes back in their
   pre-partition order (a topological sort that prefers the earlier original position), after which the
@@ -53,7 +57,7 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "uin
 
 
 def _matmul_partitioner():
-    """An XnnpackPartitioner that claims only matrix products, one partition per op (`per_op_mode`), and
+    """An XnnpackPartitioner that claims matrix products, `cat` and `floor`, one partition per op (`per_op_mode`), and
     takes the right-hand matrix as a runtime input (`force_non_static_weights_for_f32_linear`: frozen
     weights are graph inputs, not constants). It records each method's node order before partitioning
     (`orders`, one name -> position dict per method, in the order the methods are partitioned)."""
@@ -270,6 +274,13 @@ class ExecuTorchBackend(Backend):
         self.delegate = delegate
         # resolved .pte path -> ((mtime_ns, size), loaded executorch.runtime.Program)
         self._programs: dict[Path, tuple[tuple[int, int], object]] = {}
+
+    @property
+    def head_block_rows(self) -> int | None:
+        """XNNPACK keeps a packed copy of the right-hand matrix it multiplies: a head block, not a chunk."""
+        from exporter.graph_defs import HEAD_BLOCK_ROWS
+
+        return HEAD_BLOCK_ROWS if self.delegate == "xnnpack" else None
 
     def with_delegate(self, delegate: str | None) -> "ExecuTorchBackend":
         """This backend lowering through `delegate` ("xnnpack" or "none"; None: the default, xnnpack)."""
