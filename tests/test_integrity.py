@@ -86,12 +86,13 @@ def _command(name: str, b: Path, tmp: Path) -> tuple:
         "train": (harness_main, ["train", str(b), "--data", str(tmp / "text.txt"), "--steps", "1",
                                  "--out", str(tmp / "run")]),
         "memory": (harness_main, ["memory", str(b), "--out", str(tmp / "mem")]),
+        "profile": (harness_main, ["profile", str(b), "--out", str(tmp / "prof")]),
         "inspect": (exporter_main, ["inspect", str(b)]),
     }[name]
 
 
 @pytest.mark.parametrize("tamper", list(TAMPER))
-@pytest.mark.parametrize("command", ["verify", "grads", "train", "memory", "inspect"])
+@pytest.mark.parametrize("command", ["verify", "grads", "train", "memory", "profile", "inspect"])
 def test_tampered_bundle_is_one_line_exit_2_in_every_command(bundle, tmp_path, capsys, command, tamper):
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
