@@ -181,7 +181,6 @@ class EmbedChunk(torch.nn.Module):
         super().__init__()
         self.scale_hidden = shapes.spec.hidden_size if shapes.family.scale_embedding else None
         self.fmt = shapes.quant
-        self.block_rows = HEAD_BLOCK_ROWS if shapes.quant is not None else shapes.head_block_rows
 
     def forward(self, input_ids, *rest):  # (input_ids, weight..., offset, acc)
         *weight, offset, acc = rest

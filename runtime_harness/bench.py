@@ -271,15 +271,16 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
     gemm = [speed.gemm_throughput(*gemm_shape)]
     say(f"float32 GEMM {'x'.join(map(str, gemm_shape))} with {n_threads} thread(s): {gemm[0] / 1e9:.1f} GFLOP/s")
     runs = [(label(m, q), m, q) for m in methods for q in (quants if m in ("mesp", "mebp") else quants[:1])]
+    # the bundle each run reads (mezo and autograd: the mesp bundle of their format)
+    bundle_of = {name: label("mebp" if method == "mebp" else "mesp", quant) for name, method, quant in runs}
     results = {}
     for name, method, quant in runs:
-        bundle = bundles[label("mebp" if method == "mebp" else "mesp", quant)]
         say(f"running {name} ({steps} timed steps after a warm-up, fresh process)")
-        r = _run_worker(method, bundle, steps, lr, seed, out, name)
-        m = manifests[label("mebp" if method == "mebp" else "mesp", quant)]["memory"]
+        r = _run_worker(method, bundles[bundle_of[name]], steps, lr, seed, out, name)
+        manifest = manifests[bundle_of[name]]
+        m = manifest["memory"]
         planned = {"mesp": m["train_step"]["peak_planned_bytes"], "mebp": m["train_step"]["peak_planned_bytes"],
                    "mezo": m["eval_loss"]["peak_planned_bytes"]}.get(method)
-        manifest = manifests[label("mebp" if method == "mebp" else "mesp", quant)]
         if method != "autograd":
             r["step_flops"] = (speed.schedule_flops(manifest, "train_step") if method != "mezo" else
                                _times(2, speed.schedule_flops(manifest, "eval_loss")))
@@ -318,9 +319,7 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
                         "step_gflop": r["step_flops"] / 1e9 if r["step_flops"] else None,
                         "gflop_per_s": r["gflop_per_s"], "gemm_fraction": r["gemm_fraction"]}
                     for m, r in results.items()},
-        "time_per_call": {m: {"calls": r["calls"],
-                              "by_graph": speed.time_by_graph(r["calls"], manifests[label(
-                                  "mebp" if m.startswith("mebp") else "mesp", m.partition("-")[2] or "none")])}
+        "time_per_call": {m: {"calls": r["calls"], "by_graph": speed.time_by_graph(r["calls"], manifests[bundle_of[m]])}
                           for m, r in results.items() if r["calls"]},
         "memory_per_call": {m: [{k: c[k] for k in ("graph", "layer", "planned_bytes", "measured_bytes")}
                                 for c in t["calls"]] for m, t in timelines.items()},

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from runtime_harness.runner import BundleError, BundleRunner, load_manifest
+from runtime_harness.speed import schedule_flops
 
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulNBits")
 
@@ -81,10 +82,7 @@ def summarize(traces: list[tuple[str, Path, int]], start_ns: int, manifest: dict
                 row["count"] += 1
                 by_graph[kind] = by_graph.get(kind, 0.0) + seconds
                 kernels += seconds
-    flops = 0
-    for entry in manifest["schedules"][schedule]:
-        if entry["op"] == "call":
-            flops += manifest["graphs"][entry["graph"]].get("flops") or 0
+    flops = schedule_flops(manifest, schedule) or 0
     matmul = sum(r["seconds"] for r in by_op.values() if r["op"] in MATMUL_OPS)
     for row in by_op.values():
         row["share"] = row["seconds"] / kernels if kernels else 0.0
