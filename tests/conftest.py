@@ -56,6 +56,22 @@ def one_thread_per_worker():
     yield
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_setting():
+    """`--threads` (a harness command run in-process) sets $ONDEVICE_LORA_THREADS and torch's thread count for
+    the whole process: put both back after each test, so that a later ExecuTorch load in this worker asks
+    for the threadpool size it was first loaded with (another size is refused: exporter.threads)."""
+    from exporter.threads import ENV
+
+    env, count = os.environ.get(ENV), torch.get_num_threads()
+    yield
+    if env is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = env
+    torch.set_num_threads(count)
+
+
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory) -> Path:
     """A folder every xdist worker of this run sees (the run's base temp); the session's own without xdist."""

@@ -2,7 +2,6 @@
 BLAS) and by PyTorch (the reference and the autograd baseline)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,18 +11,7 @@ import torch
 from exporter import threads as T
 
 
-@pytest.fixture
-def restore_threads():
-    before_env, before_torch = os.environ.get(T.ENV), torch.get_num_threads()
-    yield
-    if before_env is None:
-        os.environ.pop(T.ENV, None)
-    else:
-        os.environ[T.ENV] = before_env
-    torch.set_num_threads(before_torch)
-
-
-def test_set_threads_applies_to_torch_numpy_and_onnxruntime(restore_threads):
+def test_set_threads_applies_to_torch_numpy_and_onnxruntime():  # (conftest restores the setting after)
     from threadpoolctl import threadpool_info
 
     from exporter.backends.ort import session_options
