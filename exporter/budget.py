@@ -6,11 +6,13 @@ many Android flagships); an app gets less than that, so a call that needs more c
 `call_lower_bound_bytes` is a lower bound of the bytes one call of the training step holds, computed from
 the shapes alone (before lowering; the manifest's planned figures come later and are larger):
 
-    store   = (L + 1) B S H          layer inputs kept for the backward (x_0..x_L, dy)
-            + n_lora (2 + n_state)   LoRA parameters, their gradients, optimizer state
+    store   = 2 B S H                one layer's input (its checkpoint) and dy; the other checkpoints are
+                                     paged (`bundle_format.PAGED`), as are the other layers' LoRA state
+            + n_lora (2 + n_state) / L   one layer's LoRA parameters, gradients and optimizer state
     layer   = weights of one layer, as stored (float32, or the int8 / int4 codes with their scales and
               zero points: `graphs.quant.stored_tensors`)
-            + 4 x [mesp: B (nh / nkv) S^2 (scores of one kv group) + B S ceil(I / blocks) (one MLP block)
+            + 4 x [mesp: B (nh / nkv) min(S, q) S (scores of one kv group and query block, q the
+                   query rows) + B S ceil(I / blocks) (one MLP block)
                    mebp: B nh S^2 + B S I (autograd holds the whole layer's activations)]
     head    = one vocabulary chunk of E as stored (rows x H) + 4 x B S rows (its logits)
 
@@ -37,13 +39,14 @@ def call_lower_bound_bytes(shapes) -> int:
     spec, lora = shapes.spec, shapes.lora
     B, S, H, I = lora.batch, lora.seq_len, spec.hidden_size, spec.intermediate_size
     n_lora = lora.trainable_parameters(spec)
-    store = (spec.num_layers + 1) * B * S * H + n_lora * (2 + _OPTIMIZER_STATE.get(shapes.optimizer, 2))
+    store = 2 * B * S * H + n_lora * (2 + _OPTIMIZER_STATE.get(shapes.optimizer, 2)) // spec.num_layers
     fmt = shapes.quant
     weights = _stored_bytes(spec.layer_weight_shapes(), fmt)
     if shapes.method == "mebp":
         activations = B * spec.num_heads * S * S + B * S * I
     else:
-        activations = B * (spec.num_heads // spec.num_kv_heads) * S * S + B * S * math.ceil(I / shapes.mlp_blocks)
+        rows = S if shapes.query_rows is None else min(S, shapes.query_rows)
+        activations = B * (spec.num_heads // spec.num_kv_heads) * rows * S + B * S * math.ceil(I / shapes.mlp_blocks)
     chunk = (shapes.chunk_rows, H)
     head = (_FLOAT * math.prod(chunk) if fmt is None else fmt.nbytes(chunk)) + _FLOAT * B * S * shapes.chunk_rows
     return _FLOAT * store + max(weights + _FLOAT * activations, head)

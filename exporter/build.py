@@ -28,7 +28,7 @@ from exporter import adapter as adapter_io
 from exporter import outputs
 from exporter import graph_defs as gd
 from exporter import integrity
-from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, TOKENIZER_DIR, TOKENIZER_FILES, weight_format
+from exporter.bundle_format import ADAPTER_DIR, FORMAT_VERSION, PAGED, TOKENIZER_DIR, TOKENIZER_FILES, weight_format
 from exporter import schedule as sched
 from exporter.backends import BACKEND_NAMES, get_backend
 from exporter.budget import check_fits
@@ -41,7 +41,7 @@ from exporter.registry import MODELS, UnsupportedModel, spec_from_hf_config
 from exporter.weights import (FINAL_NORM, WeightsError, WeightSource, open_weights, read_hf_config,
                               resolve_checkpoint_folder)
 from graphs import quant
-from graphs.config import ModelSpec
+from graphs.config import ModelSpec, default_mlp_blocks
 
 
 class BuildError(ValueError):
@@ -66,6 +66,8 @@ def resolve(config: BuildConfig) -> Resolved:
     if config.optimizer not in gd.OPTIMIZERS:
         raise BuildError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(gd.OPTIMIZERS)}")
     for flag, value in (("--vocab-chunk-rows", config.vocab_chunk_rows), ("--mlp-blocks", config.mlp_blocks)):
+        if value is None and flag == "--mlp-blocks":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise BuildError(f"{flag} must be a positive integer, got {value}")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
@@ -78,8 +80,10 @@ def resolve(config: BuildConfig) -> Resolved:
         outputs.check_replaceable(out)
         fmt = quant.QuantFormat.make(config.quant, config.quant_group_size)
         backend = get_backend(config.backend).with_delegate(delegate_of(config))
+        mlp_blocks = config.mlp_blocks or min(default_mlp_blocks(config.lora.batch * config.lora.seq_len),
+                                              spec.intermediate_size)
         shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
-                               config.mlp_blocks, fmt, backend.head_block_rows)
+                               mlp_blocks, fmt, backend.head_block_rows)
         check_trainable(shapes)
         check_quantizable(shapes)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
@@ -295,11 +299,11 @@ def _program_settings(s: gd.StepShapes, program: Program) -> dict:
         return {**common, "chunk_rows": s.chunk_rows, "scale_embedding": fam.scale_embedding}
     if program.role == "head":
         return {**common, "chunk_rows": s.chunk_rows, "vocab": s.spec.vocab_size, "eps": s.spec.rms_norm_eps,
-                "norm_offset": fam.norm_offset, "head_block_rows": s.head_block_rows}
+                "norm_offset": fam.norm_offset, "head_rows": s.head_rows}
     if program.role == "optimizer":
         return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}  # (no frozen weights)
     return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks,
-            "attention": program.attention, "quant": _quant_key(s)}
+            "query_rows": s.query_rows, "attention": program.attention, "quant": _quant_key(s)}
 
 
 def _copy_tokenizer(r: Resolved, stage: Path) -> bool:
@@ -434,6 +438,7 @@ def _manifest(config: BuildConfig, r: Resolved, backend, graphs: dict, schedules
                     "embedding_padded_rows": s.chunk_rows * s.num_chunks,
                     **({} if s.quant is None else {"format": weight_format(s.quant)})},
         "adapter": ADAPTER_DIR,
+        "paged": list(PAGED),
         "tokenizer": TOKENIZER_DIR if has_tokenizer else None,
         "graphs": graphs,
         "step_inputs": sched.step_inputs(s),

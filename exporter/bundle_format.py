@@ -3,6 +3,8 @@ thresholds a bundle is verified against. The README's "Bundle format" section do
 `exporter.manifest` validates a manifest's structure (`manifest_schema.json`)."""
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 FORMAT_VERSION = 2  # 2: graph entries carry program / role / kind / layer / attention
 
 # files and folders
@@ -59,6 +61,18 @@ def grad_of(state_name: str) -> str:
     """The store name of a LoRA parameter's gradient: `lora.3.<module>.lora_A` -> `grad.3.<module>.lora_A`."""
     layer, name = state_name[len("lora."):].split(".", 1)
     return grad_state_name(int(layer), name)
+
+
+# Paged state (README, "Paged state"): store tensors matching these patterns live in files between the
+# calls that read or write them; only a call's own inputs and outputs are resident while it runs.
+# Layer checkpoints, LoRA parameters, their gradients and the optimizer state are per layer, so a step holds
+# one layer's worth of them at a time.
+PAGED = ("x.*", "lora.*", "grad.*", "optim.*")
+
+
+def is_paged(name: str, patterns=PAGED) -> bool:
+    """True when store tensor `name` is paged under `patterns` (shell-style, `*` matches any text)."""
+    return any(fnmatchcase(name, p) for p in patterns)
 
 
 def peft_tensor_name(layer: int, name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig
+from graphs.config import VOCAB_CHUNK_ROWS, LoraConfig
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class BuildConfig:
     optimizer: str = "sgd"
     method: str = "mesp"  # mesp: hand-derived structured backward; mebp: autodiff of the layer
     vocab_chunk_rows: int = VOCAB_CHUNK_ROWS  # embedding/LM-head rows per call (an upper bound)
-    mlp_blocks: int = MLP_BLOCKS  # MLP channel blocks in the structured backward
+    mlp_blocks: int | None = None  # MLP channel blocks in the structured layer graphs; None:
+                                   # graphs.config.default_mlp_blocks (MLP_BLOCKS per 256 tokens)
     seed: int = 0  # random weights and the initial adapter
     quant: str = "none"  # frozen weights: none (float32, exact), int8 or int4 (graphs.quant)
     quant_group_size: int | None = None  # input columns per scale; None: the scheme's default

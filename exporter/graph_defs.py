@@ -34,7 +34,7 @@ from graphs import head as head_math
 from graphs import optim as optim_math
 from graphs import layer as layer_math
 from graphs import quant
-from graphs.config import MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
+from graphs.config import ATTENTION_QUERY_ROWS, MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
 from graphs.family import Family, get_family
 
 Tensor = torch.Tensor
@@ -45,7 +45,11 @@ OPTIMIZERS = ("sgd", "adamw")
 # (`StepShapes.head_block_rows`: ExecuTorch with XNNPACK, whose workspace keeps a packed copy of the
 # right-hand matrix, 7.3 MB at hidden 896 instead of a whole chunk's 28.7 MB). ONNX Runtime copies every
 # slice of an input, which made its float head 1.5x slower in blocks, so it multiplies the whole chunk.
+# A quantized chunk's sub-blocks hold HEAD_BLOCK_LOGITS logits (tokens x rows: 1024 rows at 256 tokens,
+# 256 at 1024), at least 128 and at most HEAD_BLOCK_ROWS rows, so the dequantized rows and the logits
+# (the head's arena) stay the same size as the sequence grows (`StepShapes.head_rows`).
 HEAD_BLOCK_ROWS = 2048
+HEAD_BLOCK_LOGITS = 256 * 1024
 
 
 def ident(name: str) -> str:
@@ -101,6 +105,14 @@ class StepShapes:
     # float32 LM-head rows multiplied at once in a head_chunk call (None: the whole chunk); a quantized
     # chunk is always read HEAD_BLOCK_ROWS rows at a time. The backend picks it (`Backend.head_block_rows`).
     head_block_rows: int | None = None
+    query_rows: int | None = ATTENTION_QUERY_ROWS  # queries per attention block (mesp); None: all at once
+
+    @property
+    def head_rows(self) -> int | None:
+        """LM-head rows multiplied at once in a head_chunk call (None: the whole chunk)."""
+        if self.quant is None:
+            return self.head_block_rows
+        return max(128, min(HEAD_BLOCK_ROWS, HEAD_BLOCK_LOGITS // (self.lora.batch * self.lora.seq_len)))
 
     @property
     def chunk_rows(self) -> int:
@@ -196,7 +208,7 @@ class LayerForward(_WeightsMixin):
         if s.method == "mebp":
             return (layer_math.decoder_layer_forward(x, weights, lora, s.spec, s.lora.scale, self.attention),)
         return (layer_math.decoder_layer_forward_structured(x, weights, lora, s.spec, s.lora.scale, s.mlp_blocks,
-                                                            self.attention),)
+                                                            self.attention, s.query_rows),)
 
 
 class LayerBackward(_WeightsMixin):
@@ -208,7 +220,7 @@ class LayerBackward(_WeightsMixin):
                                                                    self.attention)
         else:
             dx, grads = layer_math.decoder_layer_backward(x, dy, weights, lora, s.spec, s.lora.scale, s.mlp_blocks,
-                                                          self.attention)
+                                                          self.attention, s.query_rows)
         return (dx, *[grads[n] for n in s.lora_names()])
 
 
@@ -249,19 +261,17 @@ class HeadChunk(torch.nn.Module):
         self.eps, self.vocab = shapes.spec.rms_norm_eps, shapes.spec.vocab_size
         self.norm_offset = shapes.family.norm_offset
         self.fmt = shapes.quant
-        self.block_rows = HEAD_BLOCK_ROWS if shapes.quant is not None else shapes.head_block_rows
+        self.block_rows = shapes.head_rows
 
     def forward(self, x, norm_weight, labels, *rest):  # (x, norm_weight, labels, weight..., offset, mu, s, P, T)
         *weight, offset, mu, s, P, T = rest
         w = _matrix(weight, self.fmt)
         state = (mu, s, P, T)
         rows, step = w.shape[0], self.block_rows or w.shape[0]
-        if rows <= step:
-            blocks = [(0, w if self.fmt is None else w[0:rows])]
-        else:
-            blocks = [(start, w[start:start + step]) for start in range(0, rows, step)]
-        for start, rows in blocks:
-            state = head_math.head_chunk(x, norm_weight, labels, rows, offset + start if start else offset, *state,
+        for start in range(0, rows, step):
+            # each sub-block read (sliced or dequantized) right before its step, so one exists at a time
+            block = w if self.fmt is None and step >= rows else w[start:min(start + step, rows)]
+            state = head_math.head_chunk(x, norm_weight, labels, block, offset + start if start else offset, *state,
                                          self.eps, self.vocab, self.norm_offset)
         return state
 

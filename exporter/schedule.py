@@ -18,6 +18,10 @@ Schedule entries:
     {"op": "ort_training_step", "lr": "lr", "gradients": [NAME, ...], "parameters": [NAME, ...], "free": [NAME, ...]}
 SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, or a constant {"value": [...], "dtype": D}.
 
+Paged state (`bundle_format.PAGED`: x.*, lora.*, grad.*, optim.*): those store tensors live in files between
+the calls that use them, so a call's planned memory counts as resident only the live tensors that are not
+paged plus the paged ones it reads or writes (`store_bytes`); the other live paged tensors are `paged_bytes`.
+
 Layer i runs its own program (`layer_program`): the shared `layer`, the one of its attention kind
 (`layer_full` / `layer_sliding`, for a model with both), or `layer_XX` when its weights are baked in.
 
@@ -35,7 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
-                                    grad_of, grad_state_name, layer_file, lora_state_name, peft_tensor_name)
+                                    grad_of, grad_state_name, is_paged, layer_file, lora_state_name,
+                                    peft_tensor_name)
 from exporter.graph_defs import StepShapes, ident, matrix_input_name
 from graphs.config import FULL, SLIDING, ModelSpec
 
@@ -76,6 +81,12 @@ class _Builder:
     baked: bool  # frozen layer weights inside per-layer programs (no weight inputs)
     entries: list[dict] = field(default_factory=list)
     live: dict[str, int] = field(default_factory=dict)  # store name -> bytes
+    _paged: dict[str, bool] = field(default_factory=dict)  # store name -> is_paged (memo)
+
+    def paged(self, name: str) -> bool:
+        if name not in self._paged:
+            self._paged[name] = is_paged(name)
+        return self._paged[name]
 
     def fill(self, name: str, shape, value, dtype: str = "float32") -> None:
         self.entries.append({"op": "fill", "tensor": name, "shape": list(shape), "dtype": dtype, "value": value})
@@ -90,13 +101,15 @@ class _Builder:
         weight_bytes += entry.get("constant_bytes", 0)
         for t in entry["outputs"]:
             self.live[outputs[t["name"]]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
-        store = sum(self.live.values())
+        touched = {v for v in inputs.values() if isinstance(v, str)} | set(outputs.values())
+        store = sum(n for name, n in self.live.items() if name in touched or not self.paged(name))  # resident
+        paged = sum(self.live.values()) - store  # in page files during this call
         arena = entry.get("arena_bytes")
         self.entries.append({
             "op": "call", "graph": graph, "layer": layer, "inputs": inputs,
             "outputs": {t["name"]: outputs[t["name"]] for t in entry["outputs"]}, "free": list(free),
             "memory": {"weights_bytes": weight_bytes, "arena_bytes": arena, "store_bytes": store,
-                       "planned_bytes": weight_bytes + (arena or 0) + store},
+                       "paged_bytes": paged, "planned_bytes": weight_bytes + (arena or 0) + store},
         })
         for name in free:
             self.live.pop(name, None)

@@ -21,9 +21,18 @@ TARGET_MODULES: dict[str, str] = {
 ALL_TARGETS: tuple[str, ...] = tuple(TARGET_MODULES)
 
 # Chunking defaults (the only place they are written): embedding / LM-head rows per call (an upper
-# bound: `graphs.head.vocab_chunks` balances the chunks), and MLP channel blocks in the structured backward.
+# bound: `graphs.head.vocab_chunks` balances the chunks), MLP channel blocks in the structured layer graphs
+# (MLP_BLOCKS per MLP_BLOCK_TOKENS tokens, so that a block's (tokens, channels) tensors keep their size as
+# the sequence grows) and queries per attention block in the structured (mesp) layer graphs.
 VOCAB_CHUNK_ROWS = 8192
 MLP_BLOCKS = 4
+MLP_BLOCK_TOKENS = 256
+ATTENTION_QUERY_ROWS = 128
+
+
+def default_mlp_blocks(tokens: int) -> int:
+    """MLP_BLOCKS per started MLP_BLOCK_TOKENS tokens of one step (batch x sequence): 4 at 256, 16 at 1024."""
+    return MLP_BLOCKS * max(1, -(-tokens // MLP_BLOCK_TOKENS))
 
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # per-layer attention kinds (transformers' names)

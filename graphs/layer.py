@@ -19,8 +19,8 @@ frozen tensors; `lora` maps `<module>.lora_A` (r, in) and `<module>.lora_B` (out
 module. Activations are (B, S, H). `attention` is the layer's kind; None means the spec's only kind.
 
 `decoder_layer_backward` is the structured (MeSP) backward: its only saved activation is x; every
-intermediate is recomputed from x inside it, attention one kv-head group at a time (a sliding layer
-one band of `window` queries at a time), the MLP one block of intermediate channels at a time, and
+intermediate is recomputed from x inside it, attention one kv-head group and one block of queries at a
+time (`graphs.config.ATTENTION_QUERY_ROWS`; a sliding layer one band of `window` queries at a time), the MLP one block of intermediate channels at a time, and
 each LoRA `h = x A^T` is recomputed, never stored. `decoder_layer_backward_autodiff` is the per-layer
 checkpointing (MeBP) baseline.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from graphs import ops
-from graphs.config import MLP_BLOCKS, ModelSpec
+from graphs.config import ATTENTION_QUERY_ROWS, MLP_BLOCKS, ModelSpec
 from graphs.family import Family, get_family
 
 Tensor = torch.Tensor
@@ -48,8 +48,8 @@ class _Layer:
     """What the layer functions read from the family and the spec, resolved once."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, Tensor], attention: str | None, seq_len: int,
-                 dtype: torch.dtype):
-        self.spec, self.W = spec, weights
+                 dtype: torch.dtype, query_rows: int | None = None):
+        self.spec, self.W, self.query_rows = spec, weights, query_rows
         self.fam: Family = get_family(spec.family)
         self.kind = spec.attention_kind(attention)
         self.eps, self.offset = spec.rms_norm_eps, self.fam.norm_offset
@@ -124,7 +124,8 @@ def _attention_by_group(x: Tensor, L: _Layer, lora: dict[str, Tensor], scale: fl
         q = ops.split_heads(proj["q"].forward(Jq), g, D)  # (B, g, S, D)
         k = ops.split_heads(proj["k"].forward(Jk), 1, D)  # (B, 1, S, D)
         v = ops.split_heads(proj["v"].forward(Jk), 1, D)[:, 0]  # (B, S, D)
-        o = ops.merge_heads(ops.group_attention(L.qk("q", q), L.qk("k", k)[:, 0], v, L.qscale, L.window))
+        o = ops.merge_heads(ops.group_attention(L.qk("q", q), L.qk("k", k)[:, 0], v, L.qscale, L.window,
+                                                L.query_rows))
         part = o @ W["self_attn.o_proj.weight"][:, Jq].T  # o (B, S, g*D)
         o_out = part if o_out is None else o_out + part
         if Ao is not None:
@@ -165,17 +166,19 @@ def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, m
 
 def decoder_layer_forward_structured(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
                                      spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS,
-                                     attention: str | None = None) -> Tensor:
-    """The same y as `decoder_layer_forward`, with attention one kv group (and sliding band) and the MLP one
-    channel block at a time, so no (B, nh, S, S) or (B, S, I) tensor exists at once."""
-    L = _Layer(spec, weights, attention, x.shape[1], x.dtype)
+                                     attention: str | None = None, query_rows: int | None = ATTENTION_QUERY_ROWS
+                                     ) -> Tensor:
+    """The same y as `decoder_layer_forward`, with attention one kv group and one block of `query_rows` queries
+    (`ops.attention_blocks`) and the MLP one channel block at a time, so no (B, nh, S, S), (S, S) or (B, S, I)
+    tensor exists at once."""
+    L = _Layer(spec, weights, attention, x.shape[1], x.dtype, query_rows)
     h1 = _attention_by_group(x, L, lora, scale)[0]
     return h1 + L.norm("mlp_out", _mlp_by_block(L.norm("mlp_in", h1), L, lora, scale, mlp_blocks))
 
 
 def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
-                           spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS, attention: str | None = None
-                           ) -> tuple[Tensor, dict[str, Tensor]]:
+                           spec: ModelSpec, scale: float, mlp_blocks: int = MLP_BLOCKS, attention: str | None = None,
+                           query_rows: int | None = ATTENTION_QUERY_ROWS) -> tuple[Tensor, dict[str, Tensor]]:
     """Structured backward of one decoder layer: (x, dy) -> (dx, {lora name: gradient}).
 
     Recomputes the forward from x and differentiates it by hand:
@@ -184,12 +187,12 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
       2. MLP: with an output norm (Gemma) a forward pass over the channel blocks gives z = down(...) and
          dz = N_mlp_out'(z)^T dy; then forward+backward in `mlp_blocks` blocks of intermediate channels
          (gate/up/act/dact exist one block at a time): dm, then dh1 = dy + N_mlp_in'(h1)^T dm;
-      3. d(o_proj out) = N_attn_out'^T dh1; attention backward one kv group (and sliding band) at a time,
-         p recomputed; RoPE and q/k-norm backward; q/k/v backward;
+      3. d(o_proj out) = N_attn_out'^T dh1; attention backward one kv group and one block of `query_rows`
+         queries (or sliding band) at a time, p recomputed; RoPE and q/k-norm backward; q/k/v backward;
       4. dx = dh1 + N_attn_in'(x)^T da.
     LoRA `h = x A^T` terms are recomputed inside each linear's backward.
     """
-    L = _Layer(spec, weights, attention, x.shape[1], x.dtype)
+    L = _Layer(spec, weights, attention, x.shape[1], x.dtype, query_rows)
     W, g, D = weights, L.g, L.D
     act_kind = L.fam.activation
 
@@ -232,10 +235,10 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
     for j in range(L.nkv):
         q_raw, k_raw, v = qs[j], ks[j], vs[j]
         q, k = L.qk("q", q_raw), L.qk("k", k_raw)[:, 0]  # (B, g, S, D), (B, S, D)
-        o = ops.merge_heads(ops.group_attention(q, k, v, L.qscale, L.window))  # (B, S, g*D)
+        o = ops.merge_heads(ops.group_attention(q, k, v, L.qscale, L.window, L.query_rows))  # (B, S, g*D)
         do = ops.split_heads(o_proj.backward(Jq[j], o), g, D)  # (B, g, S, D)
         del o
-        dq, dk, dv = ops.group_attention_backward(q, k, v, do, L.qscale, L.window)
+        dq, dk, dv = ops.group_attention_backward(q, k, v, do, L.qscale, L.window, L.query_rows)
         proj["q"].backward(Jq[j], ops.merge_heads(L.qk_backward("q", q_raw, dq)))
         proj["k"].backward(Jk[j], L.qk_backward("k", k_raw, dk.unsqueeze(1))[:, 0])
         proj["v"].backward(Jk[j], dv)

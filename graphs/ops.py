@@ -125,16 +125,23 @@ def sliding_mask(seq_len: int, window: int) -> Tensor:
     return band_mask(0, seq_len, 0, seq_len, window)
 
 
-def attention_blocks(seq_len: int, window: int | None) -> list[tuple[slice, slice]]:
+def attention_blocks(seq_len: int, window: int | None, query_rows: int | None = None) -> list[tuple[slice, slice]]:
     """(query rows, key columns) blocks covering every unmasked score.
 
-    Causal (window None, or window >= S): one block, the whole S x S. Sliding: query blocks of `window`
-    rows, each against the keys [start - window + 1, stop): scores are at most window x (2 window - 1)
-    per block and about 2 S window in all, so time and memory grow with the window, not with S^2."""
-    if window is None or window >= seq_len:
+    Causal (window None, or window >= S): one block, the whole S x S; with `query_rows` < S, blocks of
+    `query_rows` queries, each against the keys [0, stop) (no query sees a later key), so a block's scores
+    are at most query_rows x S and no S x S matrix exists. Sliding: blocks of `window` rows (or
+    `query_rows`, when fewer), each against the keys [start - window + 1, stop): at most
+    window x (2 window - 1) scores per block and about 2 S window in all, so time and memory grow with
+    the window, not with S^2. Each block holds every key its rows see: a plain softmax per block is exact."""
+    sliding = window is not None and window < seq_len
+    rows = window if sliding else seq_len
+    if query_rows is not None:
+        rows = min(rows, query_rows)
+    if rows >= seq_len:
         return [(slice(0, seq_len), slice(0, seq_len))]
-    return [(slice(s, min(s + window, seq_len)), slice(max(0, s - window + 1), min(s + window, seq_len)))
-            for s in range(0, seq_len, window)]
+    return [(slice(s, min(s + rows, seq_len)), slice(max(0, s - window + 1) if sliding else 0, min(s + rows, seq_len)))
+            for s in range(0, seq_len, rows)]
 
 
 def _rows(t: Tensor, sl: slice) -> Tensor:
@@ -150,14 +157,16 @@ def attention_probs(q: Tensor, k: Tensor, mask: Tensor, scale: float | None = No
     return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
 
 
-def group_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, window: int | None = None) -> Tensor:
-    """o = softmax(q k^T * scale + mask) v for g query heads sharing one kv head, band by band.
+def group_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, window: int | None = None,
+                    query_rows: int | None = None) -> Tensor:
+    """o = softmax(q k^T * scale + mask) v for g query heads sharing one kv head, one block of queries (and their
+    keys, `attention_blocks`) at a time.
 
     q (B, g, S, D), k/v (B, S, D) -> o (B, g, S, D)."""
     S = q.shape[-2]
     k1, v1 = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, S, D)
     outs = []
-    for qs, ks in attention_blocks(S, window):
+    for qs, ks in attention_blocks(S, window, query_rows):
         p = attention_probs(_rows(q, qs), _rows(k1, ks), band_mask(qs.start, qs.stop, ks.start, ks.stop, window),
                             scale)  # (B, g, |qs|, |ks|)
         outs.append(p @ _rows(v1, ks))
@@ -165,19 +174,20 @@ def group_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
 
 
 def group_attention_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale: float | None = None,
-                             window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of `group_attention`, p recomputed from q and k one band at a time.
+                             window: int | None = None, query_rows: int | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of `group_attention`, p recomputed from q and k one block of queries at a time.
 
     q (B, g, S, D) are the g query heads that share k, v (B, S, D); do like q.
         dv = sum_g p^T do;  dp = do v^T;  ds = p * (dp - rowsum(dp * p)) * scale
         dq = ds k;  dk = sum_g ds^T q
-    A band's dk, dv cover its key columns only; they are zero-padded to S and summed.
+    A block's dk, dv cover its key columns only; they are zero-padded to S and summed.
     """
     S, D = q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     k1, v1 = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, S, D)
     dqs, dk, dv = [], None, None
-    for qs, ks in attention_blocks(S, window):
+    for qs, ks in attention_blocks(S, window, query_rows):
         qb, dob = _rows(q, qs), _rows(do, qs)
         kb, vb = _rows(k1, ks), _rows(v1, ks)
         p = attention_probs(qb, kb, band_mask(qs.start, qs.stop, ks.start, ks.stop, window), scale)

@@ -59,7 +59,8 @@ def _mezo_step(runner: BundleRunner, store: dict, lora_names: list[tuple[str, st
     def perturb(scale: float) -> None:
         rng = np.random.default_rng(seed)
         for state_name, _ in lora_names:
-            store[state_name] += np.float32(scale) * rng.standard_normal(store[state_name].shape, dtype=np.float32)
+            runner.put(store, state_name, np.asarray(store[state_name])
+                       + np.float32(scale) * rng.standard_normal(store[state_name].shape, dtype=np.float32))
 
     perturb(+MEZO_EPS)
     loss_plus, _ = runner.step(store, ids, labels, 0.0, schedule="eval_loss")
@@ -72,7 +73,7 @@ def _mezo_step(runner: BundleRunner, store: dict, lora_names: list[tuple[str, st
     for state_name, peft_name in lora_names:
         z = rng.standard_normal(store[state_name].shape, dtype=np.float32)
         grads[peft_name] = projected * z
-        store[state_name] -= np.float32(lr * projected) * z
+        runner.put(store, state_name, np.asarray(store[state_name]) - np.float32(lr * projected) * z)
     return (loss_plus + loss_minus) / 2, grads
 
 
@@ -125,7 +126,7 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
                 loss, grads = _mezo_step(runner, store, lora_names, ids, labels, lr, seed * 1000 + next(counter))
                 return loss, grads, []
             loss, trace = runner.step(store, ids, labels, lr, keep=lambda n: n.startswith("grad."))
-            grads = {peft_name: store.pop("grad." + state[len("lora."):]) for state, peft_name in lora_names}
+            grads = {peft_name: np.asarray(store.pop("grad." + state[len("lora."):])) for state, peft_name in lora_names}
             return loss, grads, [{"graph": c.graph, "layer": c.layer, "seconds": c.seconds} for c in trace.calls]
 
     _reset_peak()
@@ -255,7 +256,7 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
           weights: str | None = "random", lr: float = 1e-3, seed: int = 0, convergence_steps: int = 150,
           say=print, quants: tuple[str, ...] = ("none",)) -> dict:
     from graphs.quant import SCHEMES
-    from runtime_harness.memory import measure, plot_timeline
+    from runtime_harness.memory import measure, plot_split, plot_timeline
 
     unknown = [m for m in methods if m not in METHODS] + [q for q in quants if q not in SCHEMES]
     if unknown or not quants or len(set(quants)) != len(quants):
@@ -305,6 +306,8 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
     timelines = {name: measure(path, schedule="train_step") for name, path in bundles.items()}
     plot_timeline({f"{m} ({runtime})": timelines[m] for m in timelines}, out / "memory_per_call.png",
                   f"{Path(model).name}: memory per call of one training step, sequence {seq_len}")
+    plot_split({f"{m} ({runtime}, sequence {seq_len})": timelines[m] for m in timelines}, out / "memory_split.png",
+               f"{Path(model).name}: planned memory per call, split")
     conv = convergence(runtime, out, convergence_steps, say) if convergence_steps else None
     report = {
         "settings": {"model": model, "runtime": runtime, "seq_len": seq_len, "batch": 1, "dtype": "float32",
@@ -321,7 +324,8 @@ def bench(model: str, runtime: str, methods: list[str], seq_len: int, out: Path,
                     for m, r in results.items()},
         "time_per_call": {m: {"calls": r["calls"], "by_graph": speed.time_by_graph(r["calls"], manifests[bundle_of[m]])}
                           for m, r in results.items() if r["calls"]},
-        "memory_per_call": {m: [{k: c[k] for k in ("graph", "layer", "planned_bytes", "measured_bytes")}
+        "memory_per_call": {m: [{k: c.get(k) for k in ("graph", "layer", "weights_bytes", "arena_bytes", "store_bytes",
+                                                      "paged_bytes", "planned_bytes", "measured_bytes")}
                                 for c in t["calls"]] for m, t in timelines.items()},
         "convergence": conv,
     }

@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
 
     m = sub.add_parser("memory", parents=[common], help="planned and measured memory per call of one step, with a timeline plot")
-    m.add_argument("bundle", type=Path)
+    m.add_argument("bundle", type=Path, nargs="+", help="one or more bundles (e.g. one per sequence length): "
+                   "a panel each in memory_split.png")
     m.add_argument("--runtime", choices=RUNTIMES, help="must be the bundle's backend (default: it)")
     m.add_argument("--schedule", default="train_step", choices=("train_step", "eval_loss"),
                    help="which schedule to measure (default: %(default)s)")
@@ -255,24 +256,29 @@ def _mb(n) -> str:
 
 
 def run_memory(args) -> int:
-    from runtime_harness.memory import measure, plot_timeline
+    from runtime_harness.memory import measure, plot_split, plot_timeline
 
-    report = measure(args.bundle, args.runtime, args.schedule)
-    out = args.out or Path("runs") / f"{args.bundle.name}-memory"
+    reports = [measure(bundle, args.runtime, args.schedule) for bundle in args.bundle]
+    out = args.out or Path("runs") / f"{args.bundle[0].name}-memory"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(report, indent=1))
-    plot_timeline({report["method"]: report}, out / "memory.png",
-                  f"{args.bundle.name}: memory per call ({args.schedule})")
-    print(f"{'call':>4} {'graph':<26} {'layer':>5} {'weights MB':>10} {'arena MB':>9} {'live MB':>8} "
-          f"{'planned MB':>10} {'measured MB':>11}")
-    for c in report["calls"]:
-        print(f"{c['index']:>4} {c['graph']:<26} {'' if c['layer'] is None else c['layer']:>5} "
-              f"{_mb(c['weights_bytes']):>10} {_mb(c['arena_bytes']):>9} {_mb(c['store_bytes']):>8} "
-              f"{_mb(c['planned_bytes']):>10} {_mb(c['measured_bytes']):>11}")
-    print(f"peak planned {_mb(report['peak_planned_bytes'])} MB ({report['peak_planned_call']}); "
-          f"peak measured {_mb(report['peak_measured_bytes'])} MB; step {report['step_seconds']:.2f}s")
-    print(f"timeline: {out / 'memory.png'}; figures: {out / 'memory.json'}")
-    print(f"runtime: {report['runtime']}")
+    names = [b.name for b in args.bundle]
+    (out / "memory.json").write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=1))
+    labels = {f"{n} (seq {r['seq_len']})": r for n, r in zip(names, reports)}
+    plot_timeline(labels if len(reports) > 1 else {reports[0]["method"]: reports[0]}, out / "memory.png",
+                  f"{names[0] if len(names) == 1 else 'bundles'}: memory per call ({args.schedule})")
+    plot_split(labels, out / "memory_split.png", f"planned memory per call ({args.schedule})")
+    for name, report in zip(names, reports):
+        print(f"{name}:")
+        print(f"{'call':>4} {'graph':<26} {'layer':>5} {'weights MB':>10} {'arena MB':>9} {'live MB':>8} "
+              f"{'paged MB':>9} {'planned MB':>10} {'measured MB':>11}")
+        for c in report["calls"]:
+            print(f"{c['index']:>4} {c['graph']:<26} {'' if c['layer'] is None else c['layer']:>5} "
+                  f"{_mb(c['weights_bytes']):>10} {_mb(c['arena_bytes']):>9} {_mb(c['store_bytes']):>8} "
+                  f"{_mb(c.get('paged_bytes')):>9} {_mb(c['planned_bytes']):>10} {_mb(c['measured_bytes']):>11}")
+        print(f"peak planned {_mb(report['peak_planned_bytes'])} MB ({report['peak_planned_call']}); "
+              f"peak measured {_mb(report['peak_measured_bytes'])} MB; step {report['step_seconds']:.2f}s")
+        print(f"runtime: {report['runtime']}")
+    print(f"timeline: {out / 'memory.png'}; split: {out / 'memory_split.png'}; figures: {out / 'memory.json'}")
     return 0
 
 
@@ -320,7 +326,8 @@ def run_bench(args) -> int:
                   convergence_steps=args.convergence_steps, say=lambda s: print(s, flush=True), quants=quants)
     except BuildError as e:
         raise BundleError(str(e)) from None
-    plots = [out / f for f in ("memory_per_call.png", "time_per_call.png", "convergence.png") if (out / f).exists()]
+    plots = [out / f for f in ("memory_per_call.png", "memory_split.png", "time_per_call.png", "convergence.png")
+             if (out / f).exists()]
     print(f"results: {', '.join(map(str, [out / 'bench.json', out / 'bench.md', *plots]))}")
     return 0
 

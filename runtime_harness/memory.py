@@ -1,8 +1,9 @@
 """Step memory: planned (from the manifest) and measured (peak RSS of a fresh subprocess), per call.
 
 planned bytes of a call = frozen weights it reads + the runtime's planned activation arena for its
-graph (ExecuTorch; Core ML and ONNX Runtime publish none) + every tensor live in the app's store while
-it runs (layer checkpoints, LoRA parameters and gradients, optimizer state, accumulators).
+graph (ExecuTorch; Core ML and ONNX Runtime publish none) + the store tensors resident while it runs
+(those not paged, and the paged ones it reads or writes); `paged_bytes`: the live paged tensors (layer
+inputs, LoRA state, gradients) that stay in their files during the call (README, "Paged state").
 
 measured bytes of a call = peak resident set size during the call (Linux VmHWM, reset before each
 call through /proc/self/clear_refs) minus the process's RSS once the runtime was imported, before any
@@ -131,6 +132,44 @@ def plot_timeline(reports: dict[str, dict], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SPLIT = (("weights_bytes", "frozen weights read"), ("arena_bytes", "arena"), ("store_bytes", "resident store"),
+         ("paged_bytes", "paged (in files)"))
+
+
+def plot_split(reports: dict[str, dict], path: Path, title: str) -> None:
+    """One panel per report: each call's planned bytes stacked as weights / arena / resident store, the paged
+    tensors (in files, not resident) hatched on top, and the measured peak dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 1, figsize=(10, 3.2 * len(reports)), squeeze=False, sharey=True)
+    for ax, (label, rep) in zip(axes[:, 0], reports.items()):
+        x = np.arange(len(rep["calls"]))
+        bottom = np.zeros(len(x))
+        for k, (key, name) in enumerate(SPLIT):
+            mb = np.array([(c.get(key) or 0) / 1e6 for c in rep["calls"]])
+            paged = key == "paged_bytes"
+            ax.fill_between(x, bottom, bottom + mb, step="mid", label=name, color=f"C{k}",
+                            alpha=0.15 if paged else 0.6, hatch="//" if paged else None, lw=0)
+            bottom = bottom + mb
+        if all(c.get("measured_bytes") is not None for c in rep["calls"]):
+            ax.plot(x, [c["measured_bytes"] / 1e6 for c in rep["calls"]], color="k", ls="--", lw=1,
+                    label="measured (peak RSS)")
+        peak = max(c["planned_bytes"] for c in rep["calls"]) / 1e6
+        ax.set_title(f"{label}: planned peak {peak:.1f} MB", fontsize=10)
+        ax.set_ylabel("MB")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=5, loc="upper right")
+    axes[-1, 0].set_xlabel("call in one training step (embedding chunks, layers forward, loss head, "
+                           "layers backward + update)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

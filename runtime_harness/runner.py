@@ -5,12 +5,21 @@ The schedule is data (see `exporter.schedule`); this interpreter knows three thi
   * `call` entries gather inputs (store tensors, weights read from the bundle's safetensors files one
     call at a time, constants), cast them to the dtypes the graph declares, run the graph through the
     backend's runtime, write the outputs to the store, and drop the tensors named in `free`;
-  * state tensors (LoRA parameters, optimizer state) persist across steps.
+  * state tensors (LoRA parameters, optimizer state) persist across steps;
+  * a program (file) the next `KEEP_LOADED` calls do not use is released after a call (its graphs' arenas
+    go; it is loaded again when a later call needs it), as the README asks of an app;
+  * store tensors the manifest pages (`paged`: layer checkpoints, LoRA state, gradients, optimizer state)
+    live in page files between calls (`PagedTensor`), read only for the call that takes them, so the
+    process holds one call's tensors, as the README's paging contract asks of an app.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +27,9 @@ from typing import Callable
 import numpy as np
 from exporter.backends import get_backend, get_runtime
 from exporter.backends.base import GraphFn
+from exporter.bundle_format import is_paged
 
+KEEP_LOADED = 2  # a loaded program stays while one of the next KEEP_LOADED calls uses it
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16, "uint8": np.uint8}
 
 
@@ -60,6 +71,53 @@ def read_tensor(path: Path, header: tuple[int, dict], name: str, rows: list[int]
     except (KeyError, TypeError, IndexError, ValueError, OSError) as e:  # a name, dtype or size the file lacks
         raise BundleError(f"cannot read {name} from {path}: the file does not hold it as the manifest says "
                           f"({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class PageDir:
+    """A private scratch folder for page files (under $TMPDIR), removed with the last tensor or runner using it,
+    at exit, and on the SIGTERM / SIGHUP / Ctrl-C that the CLIs turn into an exception."""
+
+    def __init__(self):
+        self.path = tempfile.mkdtemp(prefix="ondevice-lora-pages-")
+        weakref.finalize(self, shutil.rmtree, self.path, True)
+
+
+class PagedTensor:
+    """A store tensor kept in a page file between the calls that use it (README, "Paged state").
+
+    Written once, when a call outputs it; `np.asarray(t)` reads it into a fresh array for the call that takes
+    it, and that array goes with the call's inputs. A new value is a new file, never a rewrite, so a shallow
+    copy of the store (`dict(store)`) keeps the old value. The file is removed with the last reference."""
+
+    __slots__ = ("pages", "path", "shape", "dtype", "__weakref__")
+
+    def __init__(self, pages: PageDir, value: np.ndarray):
+        value = np.ascontiguousarray(value)
+        fd, self.path = tempfile.mkstemp(dir=pages.path, suffix=".page")
+        weakref.finalize(self, _remove, self.path)
+        with os.fdopen(fd, "wb") as f:
+            value.tofile(f)
+        self.pages, self.shape, self.dtype = pages, value.shape, value.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        value = np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
+        return value if dtype is None else value.astype(dtype, copy=False)
+
+
+def resident_bytes(store: dict) -> int:
+    """Bytes of the store's tensors held in memory (page files excluded)."""
+    return sum(v.nbytes for v in store.values() if not isinstance(v, PagedTensor))
 
 
 class BundleError(ValueError):
@@ -106,7 +164,7 @@ class CallRecord:
     graph: str
     layer: int | None
     seconds: float
-    store_bytes: int  # live store tensors after the call's outputs exist, before frees
+    store_bytes: int  # resident (not paged) store tensors after the call's outputs exist, before frees
     weights_bytes: int  # weights read from files for this call
 
 
@@ -139,6 +197,25 @@ class BundleRunner:
                 raise BundleError(f"{self.bundle} is a {backend} bundle; it cannot run on {runtime} "
                                   f"(build it with --backend {runtime})") from None
         self._fns: dict[str, GraphFn] = {}
+        self._patterns = tuple(self.manifest.get("paged", ()))
+        self._paged: dict[str, bool] = {}
+        self._pages: PageDir | None = None
+        self._release_plans: dict[str, dict[int, set[str]]] = {}
+
+    # -- paged store tensors
+    def paged(self, name: str) -> bool:
+        """True when the manifest pages store tensor `name`."""
+        if name not in self._paged:
+            self._paged[name] = bool(self._patterns) and is_paged(name, self._patterns)
+        return self._paged[name]
+
+    def put(self, store: dict, name: str, value: np.ndarray) -> None:
+        """store[name] = value, into a page file when the manifest pages `name`."""
+        if self.paged(name):
+            if self._pages is None:
+                self._pages = PageDir()
+            value = PagedTensor(self._pages, value)
+        store[name] = value
 
     # -- graphs
     def graph_fn(self, graph_id: str) -> GraphFn:
@@ -146,8 +223,28 @@ class BundleRunner:
             self._fns[graph_id] = self.backend.load(self.bundle, self.manifest["graphs"][graph_id])
         return self._fns[graph_id]
 
+    def release_plan(self, schedule: str) -> dict[int, set[str]]:
+        """Schedule index of a call -> the program files to release after it: those the next `KEEP_LOADED`
+        calls do not use (after the step's last call, every file)."""
+        if schedule not in self._release_plans:
+            entries = self.manifest["schedules"][schedule]
+            calls = [(k, self.manifest["graphs"][e["graph"]]["file"]) for k, e in enumerate(entries) if e["op"] == "call"]
+            used = {f for _, f in calls}
+            self._release_plans[schedule] = {
+                k: used - {f for _, f in calls[n + 1:n + 1 + KEEP_LOADED]} for n, (k, _) in enumerate(calls)}
+        return self._release_plans[schedule]
+
+    def release(self, files: set[str]) -> None:
+        """Drop the loaded graphs of `files` and let the runtime free what it holds for them."""
+        for gid in [g for g in self._fns if self.manifest["graphs"][g]["file"] in files]:
+            del self._fns[gid]
+            file = self.manifest["graphs"][gid]["file"]
+            if not any(self.manifest["graphs"][g]["file"] == file for g in self._fns):
+                self.backend.release(self.bundle, file)
+
     def load_all(self) -> None:
-        """Load every graph the schedules use (so timing and memory exclude loading)."""
+        """Load every graph once, so that the runtime's one-time start-up stays out of timing and memory (a step
+        still releases and reloads programs as `release_plan` says)."""
         for gid in self.manifest["graphs"]:
             self.graph_fn(gid)
 
@@ -164,9 +261,9 @@ class BundleRunner:
                 if list(value.shape) != t["shape"]:
                     raise BundleError(f"adapter tensor {init['adapter']} has shape {list(value.shape)}, "
                                       f"the bundle needs {t['shape']} (another rank or model?)")
-                store[t["name"]] = value.copy()
+                self.put(store, t["name"], value.copy())
             else:
-                store[t["name"]] = np.full(t["shape"], float(init["fill"]), dtype=NP_DTYPES[t["dtype"]])
+                self.put(store, t["name"], np.full(t["shape"], float(init["fill"]), dtype=NP_DTYPES[t["dtype"]]))
         return store
 
     # -- ONNX Runtime's training API (schedule train_step_ort_api)
@@ -190,7 +287,7 @@ class BundleRunner:
         optimizer.set_learning_rate(float(np.asarray(store[entry["lr"]]).reshape(-1)[0]))
         optimizer.step()
         for name in entry["parameters"]:
-            store[name] = np.array(state.parameters[name].data, dtype=np.float32)
+            self.put(store, name, np.array(state.parameters[name].data, dtype=np.float32))
 
     # -- one schedule
     def _weight(self, source: dict, headers: dict) -> np.ndarray:
@@ -204,9 +301,11 @@ class BundleRunner:
             keep: Callable[[str], bool] | None = None) -> StepTrace:
         """Interpret `schedules[schedule]` on `store` (modified in place). Returns per-call timings.
 
+        A paged tensor in `store` is a `PagedTensor` (`np.asarray` reads it).
         `keep(name)` True keeps a tensor the schedule would free (e.g. LoRA gradients, to compare them)."""
         trace = StepTrace()
         files: dict = {}  # the safetensors header of the weight file in use
+        release = self.release_plan(schedule)
 
         def finish(entry: dict, record: CallRecord) -> None:
             """After a call: drop the names it frees (unless kept), record it, report it."""
@@ -219,13 +318,13 @@ class BundleRunner:
 
         for index, entry in enumerate(self.manifest["schedules"][schedule]):
             if entry["op"] == "fill":
-                store[entry["tensor"]] = np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]])
+                self.put(store, entry["tensor"], np.full(entry["shape"], float(entry["value"]), NP_DTYPES[entry["dtype"]]))
                 continue
             if entry["op"] == "ort_training_step":
                 t0 = time.perf_counter()
                 self._ort_training_step(entry, store)
                 finish(entry, CallRecord(index, "ort_training_step", None, time.perf_counter() - t0,
-                                         sum(v.nbytes for v in store.values()), 0))
+                                         resident_bytes(store), 0))
                 continue
             graph = self.manifest["graphs"][entry["graph"]]
             args, weight_bytes = [], 0
@@ -245,9 +344,11 @@ class BundleRunner:
             seconds = time.perf_counter() - t0
             del args
             for spec, value in zip(graph["outputs"], outputs):
-                store[entry["outputs"][spec["name"]]] = value
+                self.put(store, entry["outputs"][spec["name"]], value)
+            outputs = value = None  # nothing of the call outlives it but the store
             finish(entry, CallRecord(index, entry["graph"], entry.get("layer"), seconds,
-                                     sum(v.nbytes for v in store.values()), weight_bytes))
+                                     resident_bytes(store), weight_bytes))
+            self.release(release.get(index, set()))
         files.clear()
         return trace
 

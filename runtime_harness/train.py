@@ -76,7 +76,7 @@ def windows(ids: np.ndarray, batch: int, seq_len: int) -> np.ndarray:
 
 def lora_tensors(runner: BundleRunner, store: dict) -> dict[str, np.ndarray]:
     """The store's LoRA parameters by PEFT's saved names."""
-    return {t["init"]["adapter"]: store[t["name"]] for t in runner.manifest["state"] if "adapter" in t["init"]}
+    return {t["init"]["adapter"]: np.asarray(store[t["name"]]) for t in runner.manifest["state"] if "adapter" in t["init"]}
 
 
 def optimizer_names(runner: BundleRunner) -> list[str]:
@@ -272,7 +272,7 @@ def _load_optimizer(runner: BundleRunner, store: dict, path: Path) -> None:
         if name not in saved or saved[name].shape != store[name].shape:
             raise BundleError(f"the optimizer state in {path} does not fit this bundle (no {name} of shape "
                               f"{list(store[name].shape)}); was the run trained with another bundle?")
-        store[name] = saved[name].astype(store[name].dtype)
+        runner.put(store, name, saved[name].astype(store[name].dtype))
 
 
 def write_run(runner: BundleRunner, store: dict, best_lora: dict | None, state: dict, out: Path, title: str) -> None:
@@ -288,7 +288,7 @@ def write_run(runner: BundleRunner, store: dict, best_lora: dict | None, state: 
             save_adapter(runner, best_lora, stage / "adapter-best")
         names = optimizer_names(runner)
         if names:
-            save_file({n: np.ascontiguousarray(store[n]) for n in names}, str(stage / OPTIMIZER_FILE))
+            save_file({n: np.ascontiguousarray(np.asarray(store[n])) for n in names}, str(stage / OPTIMIZER_FILE))
         with open(stage / "loss.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "loss", "seconds", "eval_loss"])

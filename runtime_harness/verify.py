@@ -113,7 +113,7 @@ def bundle_gradients(runner: BundleRunner, adapter: dict[str, np.ndarray], input
     for t in runner.manifest["state"]:
         peft_name = t["init"].get("adapter")
         if peft_name is not None:
-            grads[peft_name] = store[grad_of(t["name"])]
+            grads[peft_name] = np.asarray(store[grad_of(t["name"])])
     return loss, grads
 
 

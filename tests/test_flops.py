@@ -13,29 +13,30 @@ from graphs.config import LoraConfig
 from helpers import TINY_FAMILY_SPECS
 
 
-def layer_forward_flops(spec, lora: LoraConfig, tokens: int, kind: str) -> int:
+def layer_forward_flops(spec, lora: LoraConfig, tokens: int, kind: str, query_rows: int | None = None) -> int:
     """2 T (sum over the projections of out x in) + LoRA's 2 T r (in + out) per target + attention's QK^T
     and PV, 2 head_dim per score and query head each: causal layers compute all T^2 scores (the mask
-    comes after), sliding layers only their query blocks' key bands (`graphs.ops.attention_blocks`)."""
+    comes after) or, in query blocks, each block's keys up to its last query; sliding layers only their
+    query blocks' key bands (`graphs.ops.attention_blocks`)."""
     from graphs.ops import attention_blocks
 
     shapes = spec.layer_weight_shapes()
     dense = sum(o * i for n, (o, i) in ((n, s) for n, s in shapes.items() if n.endswith("proj.weight")))
     low_rank = sum(lora.rank * (o + i) for o, i in (shapes[f"{m}.weight"] for m in lora.modules))
     head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
-    scores = sum((q.stop - q.start) * (k.stop - k.start) for q, k in attention_blocks(tokens, spec.window(kind)))
+    scores = sum((q.stop - q.start) * (k.stop - k.start) for q, k in attention_blocks(tokens, spec.window(kind), query_rows))
     return 2 * tokens * (dense + low_rank) + 2 * (2 * scores * head_dim * spec.num_heads)
 
 
-@pytest.mark.parametrize("method", ["mesp", "mebp"])
+@pytest.mark.parametrize("method, query_rows", [("mesp", None), ("mesp", 3), ("mebp", None)])
 @pytest.mark.parametrize("family", list(TINY_FAMILY_SPECS))
-def test_layer_flops_match_the_formula(family, method):
+def test_layer_flops_match_the_formula(family, method, query_rows):
     spec = TINY_FAMILY_SPECS[family]
     lora = LoraConfig(seq_len=8)
-    s = gd.StepShapes(spec, lora, method=method)
+    s = gd.StepShapes(spec, lora, method=method, query_rows=query_rows)
     for kind in spec.attention_kinds:
         forward, backward = gd.layer_graphs(s, kind)
-        assert graph_flops(forward) == layer_forward_flops(spec, lora, 8, kind), kind
+        assert graph_flops(forward) == layer_forward_flops(spec, lora, 8, kind, query_rows), kind
         # the backward recomputes the forward and multiplies dy back through every matrix (and LoRA's
         # factors): more than twice the forward, less than three times
         assert 2 * graph_flops(forward) < graph_flops(backward) < 3 * graph_flops(forward), kind

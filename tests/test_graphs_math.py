@@ -75,8 +75,10 @@ def test_glu_backward(kind):
 
 @pytest.mark.parametrize("S, window", [(9, 2), (9, 3), (11, 4), (12, 4), (9, 9), (9, 20), (9, None)])
 @pytest.mark.parametrize("g", [1, 3])
-def test_banded_attention_matches_masked_attention_and_autograd(S, window, g):
-    """The band-by-band sliding-window attention (and its backward) against the full (S, S) masked softmax."""
+@pytest.mark.parametrize("query_rows", [None, 2, 5])
+def test_banded_attention_matches_masked_attention_and_autograd(S, window, g, query_rows):
+    """The block-by-block attention (sliding bands, causal query blocks) and its backward against the full
+    (S, S) masked softmax."""
     B, D, scale = 2, 8, 0.37
     q, k, v = torch.randn(B, g, S, D, dtype=F64), torch.randn(B, S, D, dtype=F64), torch.randn(B, S, D, dtype=F64)
     do = torch.randn(B, g, S, D, dtype=F64)
@@ -89,10 +91,21 @@ def test_banded_attention_matches_masked_attention_and_autograd(S, window, g):
         p = torch.softmax((q @ k.unsqueeze(1).transpose(-1, -2) * scale).masked_fill(mask, float("-inf")), dim=-1)
         return p @ v.unsqueeze(1)
 
-    assert rel_err(ops.group_attention(q, k, v, scale, window), reference(q, k, v)) <= TOL
+    assert rel_err(ops.group_attention(q, k, v, scale, window, query_rows), reference(q, k, v)) <= TOL
     refs = vjp(reference, [q, k, v], do)
-    for ours, ref in zip(ops.group_attention_backward(q, k, v, do, scale, window), refs):
+    for ours, ref in zip(ops.group_attention_backward(q, k, v, do, scale, window, query_rows), refs):
         assert rel_err(ours, ref) <= TOL
+
+
+def test_query_blocks_cover_every_causal_score_once():
+    """Causal query blocks: at most query_rows x S scores each, every score below the diagonal in exactly one."""
+    for S, rows in [(256, 128), (1024, 128), (9, 4), (9, 1)]:
+        blocks = ops.attention_blocks(S, None, rows)
+        count = torch.zeros(S, S, dtype=torch.int64)
+        for qs, ks in blocks:
+            assert qs.stop - qs.start <= rows and ks.start == 0 and ks.stop == qs.stop
+            count[qs, ks] += 1
+        assert torch.equal(count.tril() > 0, ~ops.causal_mask(S)) and count.max() == 1
 
 
 def test_sliding_bands_grow_with_the_window_not_the_sequence():
@@ -161,7 +174,8 @@ def test_decoder_layer_backward_matches_autograd(spec_name, targets, rank, mlp_b
     lora = random_lora(spec, lora_cfg, F64)
     x = torch.randn(2, 11, spec.hidden_size, dtype=F64)  # 11 > the gemma3 sliding window (5)
     dy = torch.randn_like(x)
-    dx, grads = layer.decoder_layer_backward(x, dy, W, lora, spec, lora_cfg.scale, blocks, attention=kind)
+    query_rows = {1: None, 3: 4, 0: 1}[mlp_blocks]  # all queries at once, blocks of 4 of 11, one by one
+    dx, grads = layer.decoder_layer_backward(x, dy, W, lora, spec, lora_cfg.scale, blocks, kind, query_rows)
     assert set(grads) == set(lora)
     names = list(lora)
     refs = vjp(lambda x, *ab: layer.decoder_layer_forward(x, W, dict(zip(names, ab)), spec, lora_cfg.scale, kind),
@@ -185,7 +199,8 @@ def test_structured_forward_equals_forward(spec_name, mlp_blocks):
     lora_cfg = LoraConfig(rank=4, targets=("q", "o", "down"), seq_len=9)
     W, lora = random_layer_weights(spec, F64), random_lora(spec, lora_cfg, F64)
     x = torch.randn(1, 9, spec.hidden_size, dtype=F64)
-    assert rel_err(layer.decoder_layer_forward_structured(x, W, lora, spec, 2.0, mlp_blocks, kind),
+    query_rows = {1: None, 3: 2, 96: 5}[mlp_blocks]
+    assert rel_err(layer.decoder_layer_forward_structured(x, W, lora, spec, 2.0, mlp_blocks, kind, query_rows),
                    layer.decoder_layer_forward(x, W, lora, spec, 2.0, kind)) <= TOL
 
 
@@ -208,6 +223,29 @@ def test_sliding_layer_never_forms_sequence_by_sequence_scores(fn, monkeypatch):
     args = {"backward": (x, torch.randn_like(x)), "backward_autodiff": (x, torch.randn_like(x))}.get(fn, (x,))
     getattr(layer, f"decoder_layer_{fn}")(*args, weights, lora, spec, 2.0, attention="sliding_attention")
     assert shapes and all(q <= W and k <= 2 * W - 1 for q, k in shapes), shapes
+
+
+@pytest.mark.parametrize("fn", ["backward", "forward_structured"])
+def test_structured_causal_layer_scores_one_query_block_at_a_time(fn, monkeypatch):
+    """The structured (mesp) layer computes at most query_rows x S scores at once: no S x S matrix."""
+    spec = TINY_FAMILY_SPECS["qwen2"]
+    S, rows = 23, 5
+    shapes = []
+    real = ops.attention_probs
+
+    def spy(q, k, mask, scale=None):
+        shapes.append(tuple(q.shape[-2:-1]) + tuple(k.shape[-2:-1]))
+        return real(q, k, mask, scale)
+
+    monkeypatch.setattr(ops, "attention_probs", spy)
+    weights = random_layer_weights(spec, F64)
+    lora = random_lora(spec, LoraConfig(rank=2, seq_len=S), F64)
+    x = torch.randn(1, S, spec.hidden_size, dtype=F64)
+    args = (x, torch.randn_like(x)) if fn == "backward" else (x,)
+    getattr(layer, f"decoder_layer_{fn}")(*args, weights, lora, spec, 2.0, 2, None, rows)
+    assert shapes and all(q <= rows and k <= S for q, k in shapes), shapes
+    passes = 3 if fn == "backward" else 1  # the backward: forward, o recomputed, then the gradient
+    assert sum(q for q, _ in shapes) == S * spec.num_kv_heads * passes
 
 
 def test_sliding_layer_differs_from_full_layer():

@@ -119,7 +119,10 @@ def test_memory_report_and_plot(tiny_bundle, tmp_path):
     assert len(report["calls"]) == n_calls
     assert all(c["planned_bytes"] > 0 and c["measured_bytes"] is not None for c in report["calls"])
     assert report["peak_planned_bytes"] == max(c["planned_bytes"] for c in report["calls"])
-    assert (tmp_path / "memory.png").stat().st_size > 0
+    for c in report["calls"]:  # the split: weights + arena + resident store; paged tensors are not resident
+        assert c["planned_bytes"] == c["weights_bytes"] + (c["arena_bytes"] or 0) + c["store_bytes"]
+    assert max(c["paged_bytes"] for c in report["calls"]) > 0
+    assert (tmp_path / "memory.png").stat().st_size > 0 and (tmp_path / "memory_split.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -122,6 +122,30 @@ def test_layer_on_quantized_weights_equals_the_layer_on_their_dequantized_values
             assert torch.equal(dx_q, dx_d) and all(torch.equal(g_q[n], g_d[n]) for n in g_d)
 
 
+def test_quantized_head_reads_its_chunk_in_sub_blocks_of_fixed_logits():
+    """A quantized head_chunk multiplies HEAD_BLOCK_LOGITS / tokens rows at a time (128 to HEAD_BLOCK_ROWS), and
+    the online softmax over the sub-blocks equals one step over the whole dequantized chunk."""
+    from graphs import head as head_math
+
+    spec, fmt = TINY_FAMILY_SPECS["qwen2"], QuantFormat("int4", 16)
+    rows = {S: gd.StepShapes(spec, LoraConfig(seq_len=S), quant=fmt).head_rows for S in (8, 256, 1024, 4096)}
+    assert rows == {8: gd.HEAD_BLOCK_ROWS, 256: 1024, 1024: 256, 4096: 128}
+    assert gd.StepShapes(spec, LoraConfig(seq_len=1024), head_block_rows=None).head_rows is None
+    S, C, H = 1024, 300, spec.hidden_size  # 300 rows: sub-blocks of 256 and 44
+    shapes = gd.StepShapes(spec, LoraConfig(seq_len=S), vocab_chunk_rows=C, quant=fmt)
+    torch.manual_seed(0)
+    chunk = quant.quantize(torch.randn(C, H) * 0.05, fmt)
+    parts = [chunk[k] for k in ("qweight", "scales", "zeros")]
+    x, norm_w = torch.randn(1, S, H), torch.rand(H) + 0.5
+    labels, offset = torch.randint(0, spec.vocab_size, (1, S)), torch.tensor([0])
+    state = head_math.head_init_state(1, S, H)
+    ours = gd.HeadChunk(shapes)(x, norm_w, labels, *parts, offset, *state)
+    dense = quant.dense(QuantizedWeight(*parts, fmt))
+    ref = head_math.head_chunk(x, norm_w, labels, dense, offset, *state, spec.rms_norm_eps, spec.vocab_size)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- every backend, bit for bit
 
 class _Dequant(torch.nn.Module):

@@ -77,6 +77,11 @@ class Backend:
         """Backend-specific training files (ORT: checkpoint + optimizer model). Returns manifest fields."""
         return {}
 
+    def release(self, bundle_dir: Path, file: str) -> None:
+        """Free what the runtime holds for program `file` once the runner dropped every GraphFn of it (its
+        methods' arenas; the runner does this when the next calls do not use the program). Default: nothing
+        (a runtime whose loaded graphs hold no memory between calls, or whose reload costs too much)."""
+
     def load(self, bundle_dir: Path, graph: dict) -> GraphFn:
         """An executable for one manifest graph entry (`LoweredGraph.to_dict()`): it takes numpy arrays in
         the order of `graph["inputs"]` and returns numpy arrays in the order of `graph["outputs"]`.
