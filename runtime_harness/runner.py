@@ -308,10 +308,12 @@ class BundleRunner:
         release = self.release_plan(schedule)
 
         def finish(entry: dict, record: CallRecord) -> None:
-            """After a call: drop the names it frees (unless kept), record it, report it."""
+            """After a call: drop the names it frees (unless kept) and the programs the next calls do not use,
+            record it, report it (a memory probe then restarts its peak without them)."""
             for name in entry["free"]:
                 if keep is None or not keep(name):
                     store.pop(name, None)
+            self.release(release.get(record.index, set()))
             trace.calls.append(record)
             if on_call is not None:
                 on_call(record)
@@ -348,7 +350,6 @@ class BundleRunner:
             outputs = value = None  # nothing of the call outlives it but the store
             finish(entry, CallRecord(index, entry["graph"], entry.get("layer"), seconds,
                                      resident_bytes(store), weight_bytes))
-            self.release(release.get(index, set()))
         files.clear()
         return trace
 
