@@ -148,6 +148,9 @@ def worker(method: str, bundle: Path, steps: int, lr: float, seed: int, grads_ou
         if first_grads is None:
             first_grads = grads
         losses.append(loss)
+        if k == 0:  # the peak of the timed steps: the warm-up's one-time allocations stay out
+            gc.collect()
+            _reset_peak()
     peak = _rss()["VmHWM"] - baseline
     np.save(grads_out, _flat(first_grads, names).astype(np.float32))
     return {"method": method, "peak_measured_bytes": int(peak), "step_times_s": times,
