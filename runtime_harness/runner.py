@@ -347,7 +347,8 @@ class BundleRunner:
             del args
             for spec, value in zip(graph["outputs"], outputs):
                 self.put(store, entry["outputs"][spec["name"]], value)
-            outputs = value = None  # nothing of the call outlives it but the store
+            fn = outputs = value = None  # nothing of the call outlives it but the store (a released
+            #                               program must not stay alive through `fn`)
             finish(entry, CallRecord(index, entry["graph"], entry.get("layer"), seconds,
                                      resident_bytes(store), weight_bytes))
         files.clear()
