@@ -7,7 +7,8 @@ The schedule is data (see `exporter.schedule`); this interpreter knows three thi
     backend's runtime, write the outputs to the store, and drop the tensors named in `free`;
   * state tensors (LoRA parameters, optimizer state) persist across steps;
   * a program (file) the next `KEEP_LOADED` calls do not use is released after a call (its graphs' arenas
-    go; it is loaded again when a later call needs it), as the README asks of an app;
+    go; it is loaded again when a later call needs it), as the README asks of an app, where the backend
+    releases programs cheaply (ExecuTorch);
   * store tensors the manifest pages (`paged`: layer checkpoints, LoRA state, gradients, optimizer state)
     live in page files between calls (`PagedTensor`), read only for the call that takes them, so the
     process holds one call's tensors, as the README's paging contract asks of an app.
@@ -225,7 +226,10 @@ class BundleRunner:
 
     def release_plan(self, schedule: str) -> dict[int, set[str]]:
         """Schedule index of a call -> the program files to release after it: those the next `KEEP_LOADED`
-        calls do not use (after the step's last call, every file)."""
+        calls do not use (after the step's last call, every file). Empty for a backend that keeps its graphs
+        loaded (`Backend.releases_programs`)."""
+        if not self.backend.releases_programs:
+            return {}
         if schedule not in self._release_plans:
             entries = self.manifest["schedules"][schedule]
             calls = [(k, self.manifest["graphs"][e["graph"]]["file"]) for k, e in enumerate(entries) if e["op"] == "call"]

@@ -123,6 +123,10 @@ def test_programs_the_next_calls_do_not_use_are_released(tiny_bundle, monkeypatc
     loaded = []
     runner.step(runner.initial_state(nonzero_adapter(manifest, 0)), *seeded_batch(manifest, 0), 0.01,
                 on_call=lambda r: loaded.append({manifest["graphs"][g]["file"] for g in runner._fns}))
+    if not runner.backend.releases_programs:  # sessions costly to create stay loaded
+        assert released == [] and {g for g in runner._fns} == {e["graph"] for e in manifest["schedules"]["train_step"]
+                                                               if e["op"] == "call"}
+        return
     assert runner._fns == {}
     files = [manifest["graphs"][e["graph"]]["file"] for e in manifest["schedules"]["train_step"] if e["op"] == "call"]
     for n, held in enumerate(loaded):  # before call n's release: at most what calls n - KEEP_LOADED .. n use

@@ -54,6 +54,9 @@ class Backend:
     #: float32 LM-head rows a head_chunk multiplies at once (`graph_defs.StepShapes.head_block_rows`); None:
     #: the whole vocabulary chunk
     head_block_rows: int | None = None
+    #: True: `release` frees what a loaded program holds and reloading costs milliseconds, so the runner
+    #: releases programs the next calls do not use; False: graphs stay loaded (sessions costly to create)
+    releases_programs: bool = False
 
     def with_delegate(self, delegate: str | None) -> "Backend":
         """This backend lowering through `delegate` (None: its default). A backend without delegates

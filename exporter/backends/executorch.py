@@ -321,6 +321,8 @@ class ExecuTorchBackend(Backend):
             cached = self._programs[path] = (stamp, Runtime.get().load_program(path))
         return cached[1]
 
+    releases_programs = True
+
     def release(self, bundle_dir: Path, file: str) -> None:
         """Forget the loaded program: its methods (cached by the program) and their arenas go with it. A
         program's host methods share one set of arenas sized to the largest, so a program is released whole."""
