@@ -3,6 +3,7 @@ thresholds a bundle is verified against. The README's "Bundle format" section do
 `exporter.manifest` validates a manifest's structure (`manifest_schema.json`)."""
 from __future__ import annotations
 
+import functools
 from fnmatch import fnmatchcase
 
 FORMAT_VERSION = 2  # 2: graph entries carry program / role / kind / layer / attention
@@ -70,8 +71,10 @@ def grad_of(state_name: str) -> str:
 PAGED = ("x.*", "lora.*", "grad.*", "optim.*")
 
 
-def is_paged(name: str, patterns=PAGED) -> bool:
-    """True when store tensor `name` is paged under `patterns` (shell-style, `*` matches any text)."""
+@functools.cache
+def is_paged(name: str, patterns: tuple[str, ...] = PAGED) -> bool:
+    """True when store tensor `name` is paged under `patterns` (shell-style, `*` matches any text; memoized:
+    the schedule and the runner ask for every store name at every call)."""
     return any(fnmatchcase(name, p) for p in patterns)
 
 

@@ -81,12 +81,6 @@ class _Builder:
     baked: bool  # frozen layer weights inside per-layer programs (no weight inputs)
     entries: list[dict] = field(default_factory=list)
     live: dict[str, int] = field(default_factory=dict)  # store name -> bytes
-    _paged: dict[str, bool] = field(default_factory=dict)  # store name -> is_paged (memo)
-
-    def paged(self, name: str) -> bool:
-        if name not in self._paged:
-            self._paged[name] = is_paged(name)
-        return self._paged[name]
 
     def fill(self, name: str, shape, value, dtype: str = "float32") -> None:
         self.entries.append({"op": "fill", "tensor": name, "shape": list(shape), "dtype": dtype, "value": value})
@@ -102,7 +96,7 @@ class _Builder:
         for t in entry["outputs"]:
             self.live[outputs[t["name"]]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
         touched = {v for v in inputs.values() if isinstance(v, str)} | set(outputs.values())
-        store = sum(n for name, n in self.live.items() if name in touched or not self.paged(name))  # resident
+        store = sum(n for name, n in self.live.items() if name in touched or not is_paged(name))  # resident
         paged = sum(self.live.values()) - store  # in page files during this call
         arena = entry.get("arena_bytes")
         self.entries.append({

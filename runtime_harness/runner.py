@@ -199,16 +199,13 @@ class BundleRunner:
                                   f"(build it with --backend {runtime})") from None
         self._fns: dict[str, GraphFn] = {}
         self._patterns = tuple(self.manifest.get("paged", ()))
-        self._paged: dict[str, bool] = {}
         self._pages: PageDir | None = None
         self._release_plans: dict[str, dict[int, set[str]]] = {}
 
     # -- paged store tensors
     def paged(self, name: str) -> bool:
         """True when the manifest pages store tensor `name`."""
-        if name not in self._paged:
-            self._paged[name] = bool(self._patterns) and is_paged(name, self._patterns)
-        return self._paged[name]
+        return bool(self._patterns) and is_paged(name, self._patterns)
 
     def put(self, store: dict, name: str, value: np.ndarray) -> None:
         """store[name] = value, into a page file when the manifest pages `name`."""
