@@ -22,7 +22,7 @@ Quantized weights (`StepShapes.quant`, see `graphs.quant`): each projection matr
 `<module>_qweight` (uint8 codes), `<module>_scales`, `<module>_zeros` instead of `<module>_weight`, and
 the embedding / LM-head chunk `weight` becomes `weight_qweight`, `weight_scales`, `weight_zeros`. The
 graphs dequantize only the rows or columns each block reads (`graphs.quant.QuantizedWeight`); the loss
-head reads its chunk `HEAD_BLOCK_ROWS` rows at a time (online softmax over the sub-blocks).
+head reads its chunk `StepShapes.head_rows` rows at a time (online softmax over the sub-blocks).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class StepShapes:
     mlp_blocks: int = MLP_BLOCKS
     quant: quant.QuantFormat | None = None  # None: float32 frozen weights
     # float32 LM-head rows multiplied at once in a head_chunk call (None: the whole chunk); a quantized
-    # chunk is always read HEAD_BLOCK_ROWS rows at a time. The backend picks it (`Backend.head_block_rows`).
+    # chunk is always read in sub-blocks (`head_rows`). The backend picks it (`Backend.head_block_rows`).
     head_block_rows: int | None = None
     query_rows: int | None = ATTENTION_QUERY_ROWS  # queries per attention block (mesp); None: all at once
 
