@@ -10,7 +10,8 @@ the shapes alone (before lowering; the manifest's planned figures come later and
                                      paged (`bundle_format.PAGED`), as are the other layers' LoRA state
             + n_lora (2 + n_state) / L   one layer's LoRA parameters, gradients and optimizer state
     layer   = weights of one layer, as stored (float32, or the int8 / int4 codes with their scales and
-              zero points: `graphs.quant.stored_tensors`)
+              zero points: `graphs.quant.stored_tensors`); with sub-layer calls the larger of the
+              attention's and one MLP block's
             + 4 x [mesp: B (nh / nkv) min(S, q) S (scores of one kv group and query block, q the
                    query rows) + B S ceil(I / blocks) (one MLP block)
                    mebp: B nh S^2 + B S I (autograd holds the whole layer's activations)]
@@ -42,6 +43,11 @@ def call_lower_bound_bytes(shapes) -> int:
     store = 2 * B * S * H + n_lora * (2 + _OPTIMIZER_STATE.get(shapes.optimizer, 2)) // spec.num_layers
     fmt = shapes.quant
     weights = _stored_bytes(spec.layer_weight_shapes(), fmt)
+    if shapes.split_layers:
+        from exporter.graph_defs import LayerPart
+
+        weights = max(sum(math.prod(sh) * _BYTES[d] for sh, d in LayerPart(shapes, part).stored.values())
+                      for part in ("attention", "mlp_block"))
     if shapes.method == "mebp":
         activations = B * spec.num_heads * S * S + B * S * I
     else:

@@ -80,10 +80,11 @@ def resolve(config: BuildConfig) -> Resolved:
         outputs.check_replaceable(out)
         fmt = quant.QuantFormat.make(config.quant, config.quant_group_size)
         backend = get_backend(config.backend).with_delegate(delegate_of(config))
-        mlp_blocks = config.mlp_blocks or min(default_mlp_blocks(config.lora.batch * config.lora.seq_len),
+        mlp_blocks = config.mlp_blocks or min(default_mlp_blocks(config.lora.batch * config.lora.seq_len, spec),
                                               spec.intermediate_size)
+        split = config.method == "mesp" and not backend.weights_in_graphs  # sub-layer calls (graphs.sublayer)
         shapes = gd.StepShapes(spec, config.lora, config.method, config.optimizer, config.vocab_chunk_rows,
-                               mlp_blocks, fmt, backend.head_block_rows)
+                               mlp_blocks, fmt, backend.head_block_rows, split_layers=split)
         check_trainable(shapes)
         check_quantizable(shapes)
         weights_source = config.weights or (str(model_folder) if model_folder else spec.hf_repo)
@@ -186,8 +187,13 @@ def _programs(r: Resolved, backend) -> list[tuple[Program, list[gd.GraphDef] | N
 
 
 def stored_layer(r: Resolved, i: int) -> dict[str, torch.Tensor]:
-    """Layer i's frozen tensors as the bundle stores them (`graphs.quant.stored_tensors`)."""
-    return quant.quantize_layer(r.weights.layer(i), r.shapes.quant)
+    """Layer i's frozen tensors as the bundle stores them (`StepShapes.layer_stored`: quantized where asked, the
+    down projection's tensors transposed in a split bundle)."""
+    stored = quant.quantize_layer(r.weights.layer(i), r.shapes.quant)
+    if not r.shapes.split_layers:
+        return stored
+    return {n + gd.TRANSPOSED if gd.column_blocked(n) else n: t.T.contiguous() if gd.column_blocked(n) else t
+            for n, t in stored.items()}
 
 
 def _quant_key(s: gd.StepShapes) -> dict | None:
@@ -200,7 +206,7 @@ def _write_weights(r: Resolved, stage: Path, backend, cache: ArtifactCache, say)
     base_key = {"weights": r.weights.identity(), "spec": s.spec.to_dict(), "quant": _quant_key(s)}
     layers = [] if backend.weights_in_graphs else list(range(s.spec.num_layers))
     for i in progress(layers, "weights", "layers", say.mode, leave=False):
-        key = cache.key({**base_key, "layer": i})
+        key = cache.key({**base_key, "layer": i, "split_layers": s.split_layers})
         target = stage / sched.layer_file(i)
         if not cache.fetch_file(key, target):
             save_file(stored_layer(r, i), str(target))
@@ -303,7 +309,8 @@ def _program_settings(s: gd.StepShapes, program: Program) -> dict:
     if program.role == "optimizer":
         return {"lora": s.lora.layer_lora_shapes(s.spec), "optimizer": s.optimizer}  # (no frozen weights)
     return {"spec": s.spec.to_dict(), "lora": s.lora.to_dict(), "method": s.method, "mlp_blocks": s.mlp_blocks,
-            "query_rows": s.query_rows, "attention": program.attention, "quant": _quant_key(s)}
+            "query_rows": s.query_rows, "attention": program.attention, "quant": _quant_key(s),
+            "split_layers": s.split_layers}
 
 
 def _copy_tokenizer(r: Resolved, stage: Path) -> bool:

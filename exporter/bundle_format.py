@@ -66,9 +66,10 @@ def grad_of(state_name: str) -> str:
 
 # Paged state (README, "Paged state"): store tensors matching these patterns live in files between the
 # calls that read or write them; only a call's own inputs and outputs are resident while it runs.
-# Layer checkpoints, LoRA parameters, their gradients and the optimizer state are per layer, so a step holds
-# one layer's worth of them at a time.
-PAGED = ("x.*", "lora.*", "grad.*", "optim.*")
+# Layer checkpoints (x.i; in a split bundle also h.i, the attention's output, and z.i, the MLP output of a
+# family with an mlp_out norm), LoRA parameters, their gradients and the optimizer state are per layer, so a
+# step holds one layer's worth of them at a time.
+PAGED = ("x.*", "h.*", "z.*", "lora.*", "grad.*", "optim.*")
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from graphs.config import ALL_TARGETS, MLP_BLOCK_TOKENS, MLP_BLOCKS, LoraConfig
+from graphs.config import ALL_TARGETS, MLP_BLOCK_BYTES, MLP_BLOCK_TOKENS, MLP_BLOCKS, LoraConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-chunk-rows", type=positive_int, metavar="N",
                    help=f"embedding / LM-head rows per call, balanced over the vocabulary (default: {d['vocab_chunk_rows']})")
     b.add_argument("--mlp-blocks", type=positive_int, metavar="N",
-                   help=f"MLP channel blocks inside the structured layer graphs (default: {MLP_BLOCKS} per "
-                        f"{MLP_BLOCK_TOKENS} tokens)")
+                   help=f"MLP channel blocks of the structured layers: calls of their own in a mesp bundle with "
+                        f"weights as inputs, rounded up to equal blocks (default: {MLP_BLOCKS} per "
+                        f"{MLP_BLOCK_TOKENS} tokens, and one per {MLP_BLOCK_BYTES // 2**20} MiB of float32 MLP weights)")
     b.add_argument("--seed", type=count, metavar="N",
                    help=f"seed of random weights and of the initial adapter (default: {d['seed']})")
     b.add_argument("--quant", choices=SCHEMES,

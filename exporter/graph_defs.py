@@ -6,6 +6,14 @@ Every backend lowers the same `GraphDef`s; only the file format differs. Graph k
                                                                             family's embedding scale)
     layer_forward   (x, [frozen weights], lora...)                      -> (y,)
     layer_backward  (x, dy, [frozen weights], lora...)                  -> (dx, grad_<lora>...)
+    split layers (`StepShapes.split_layers`, `sublayer_graphs`; weights always inputs, an MLP block's sliced):
+    attn_forward        (x, [attention weights], attention lora...)             -> (h1,)
+    mlp_block_forward   (h1, acc, [block weights], block lora...)               -> (acc_out,)
+    mlp_finish          (h1, acc, [mlp_out norm, down bias])                    -> (y,)
+    mlp_out_backward    (acc, dy, [mlp_out norm, down bias])                    -> (dz,)  (family with an mlp_out norm)
+    mlp_block_backward  (h1, dz, dm, [block weights], block lora..., gacc_<summed>...) -> (dm_out, grad_<mlp lora>...)
+    mlp_backward_finish (h1, dm, dy, [mlp_in norm])                             -> (dh1,)
+    attn_backward       (x, dh1, [attention weights], attention lora...)        -> (dx, grad_<attention lora>...)
     head_chunk      (x, norm_weight, labels, weight, offset, mu, s, P, T) -> (mu_out, s_out, P_out, T_out)
     head_finish     (x, norm_weight, labels, mu, s, P, T)               -> (loss, dx)
     optimizer       sgd:   (lr, param_<lora>..., grad_<lora>...)        -> (new_<lora>...)
@@ -34,6 +42,7 @@ from graphs import head as head_math
 from graphs import optim as optim_math
 from graphs import layer as layer_math
 from graphs import quant
+from graphs import sublayer
 from graphs.config import ATTENTION_QUERY_ROWS, MLP_BLOCKS, VOCAB_CHUNK_ROWS, LoraConfig, ModelSpec
 from graphs.family import Family, get_family
 
@@ -50,6 +59,15 @@ OPTIMIZERS = ("sgd", "adamw")
 # (the head's arena) stay the same size as the sequence grows (`StepShapes.head_rows`).
 HEAD_BLOCK_ROWS = 2048
 HEAD_BLOCK_LOGITS = 256 * 1024
+
+
+TRANSPOSED = ".T"  # suffix of a stored tensor kept transposed (`StepShapes.layer_stored`)
+
+
+def column_blocked(stored: str) -> bool:
+    """A stored tensor of the down projection's matrix (weight, or qweight / scales / zeros): MLP blocks read its
+    columns, so a split bundle stores it transposed."""
+    return stored.startswith("mlp.down_proj.") and stored != "mlp.down_proj.bias"
 
 
 def ident(name: str) -> str:
@@ -106,6 +124,9 @@ class StepShapes:
     # chunk is always read in sub-blocks (`head_rows`). The backend picks it (`Backend.head_block_rows`).
     head_block_rows: int | None = None
     query_rows: int | None = ATTENTION_QUERY_ROWS  # queries per attention block (mesp); None: all at once
+    # mesp layers as sub-layer calls (`graphs.sublayer`: the attention, then `mlp_blocks` MLP channel blocks),
+    # each reading only its weights; False: one call per layer (mebp, and Core ML's weights baked per layer)
+    split_layers: bool = False
 
     @property
     def head_rows(self) -> int | None:
@@ -134,8 +155,48 @@ class StepShapes:
         return list(self.lora.layer_lora_shapes(self.spec))
 
     def layer_stored(self) -> dict[str, tuple[tuple, str]]:
-        """A layer's frozen tensors as the bundle stores them: name -> (shape, dtype)."""
-        return quant.stored_tensors(self.spec.layer_weight_shapes(), self.quant)
+        """A layer's frozen tensors as the bundle stores them: name -> (shape, dtype). In a split bundle the
+        down projection's tensors are stored transposed (`<name>.T`), so that an MLP block's columns are
+        rows of the file (`column_blocked`)."""
+        return self.stored(self.spec.layer_weight_shapes())
+
+    def stored(self, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple, str]]:
+        """Frozen tensors (Hugging Face name -> float shape) as stored, in a layer file or a graph's inputs."""
+        out = {}
+        for name, (shape, dtype) in quant.stored_tensors(weight_shapes, self.quant).items():
+            if self.split_layers and column_blocked(name):
+                name, shape = name + TRANSPOSED, tuple(reversed(shape))
+            out[name] = (shape, dtype)
+        return out
+
+    @property
+    def mlp_block_rows(self) -> int:
+        """Intermediate channels per MLP block call: I / n for the smallest n >= `mlp_blocks` (at most one block
+        per alignment unit) whose blocks are equal and start on a quantization group (so one graph serves
+        every block and its rows of the stored tensors are whole groups)."""
+        I = self.spec.intermediate_size
+        align = 1 if self.quant is None else (self.quant.group_size or self.quant.per_byte)
+        units = I // align
+        n = next(d for d in range(min(self.mlp_blocks, units), units + 1) if units % d == 0)
+        return I // n
+
+    def mlp_bounds(self) -> list[tuple[int, int]]:
+        """[a, b) of every MLP block call."""
+        c = self.mlp_block_rows
+        return [(a, a + c) for a in range(0, self.spec.intermediate_size, c)]
+
+    def block_rows(self, stored: str, a: int, b: int) -> list[int] | None:
+        """The rows of stored layer tensor `stored` that MLP block [a, b) reads (None: the whole tensor)."""
+        if not stored.startswith("mlp.") or stored == "mlp.down_proj.bias":
+            return None  # norms, the down bias (read whole by the finishing calls)
+        if not column_blocked(stored):
+            return [a, b]  # gate / up: rows are intermediate channels
+        if self.quant is None or stored.endswith(f".qweight{TRANSPOSED}"):
+            per = 1 if self.quant is None else self.quant.per_byte  # down^T: rows are columns (int4: two per byte)
+            return [a // per, b // per]
+        if not self.quant.group_size:
+            return None  # one group per row: every block reads the row's one scale and zero
+        return [a // self.quant.group_size, b // self.quant.group_size]
 
     def matrix_stored(self, rows: int) -> dict[str, tuple[tuple, str]]:
         """An embedding / LM-head block of `rows` rows as stored: {"weight"} or {"qweight", "scales", "zeros"}."""
@@ -222,6 +283,155 @@ class LayerBackward(_WeightsMixin):
             dx, grads = layer_math.decoder_layer_backward(x, dy, weights, lora, s.spec, s.lora.scale, s.mlp_blocks,
                                                           self.attention, s.query_rows)
         return (dx, *[grads[n] for n in s.lora_names()])
+
+
+# ----------------------------------------------------------------------------- sub-layer calls (split layers)
+
+BLOCK_ROW_GRADS = ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B")  # a block owns rows J of these gradients
+BLOCK_COL_GRADS = ("mlp.down_proj.lora_A",)  # and columns J of this one; the other MLP LoRA gradients are sums
+
+
+def _attention_weight(name: str, fam: Family) -> bool:
+    return name.startswith("self_attn.") or name in {fam.norm(r) for r in ("attn_in", "attn_out", "q", "k")}
+
+
+class LayerPart:
+    """The frozen tensors and LoRA tensors one sub-layer graph reads, by Hugging Face name with the graph's
+    (block-sized) float shapes; `stored` is how they arrive as inputs (`StepShapes.stored`)."""
+
+    def __init__(self, shapes: StepShapes, part: str):
+        s, fam = shapes, shapes.family
+        layer = s.spec.layer_weight_shapes()
+        lora = s.lora.layer_lora_shapes(s.spec)
+        c, H = s.mlp_block_rows, s.spec.hidden_size
+        mlp_in, mlp_out = fam.norm("mlp_in"), fam.norm("mlp_out")
+        if part == "attention":
+            self.weights = {n: sh for n, sh in layer.items() if _attention_weight(n, fam)}
+            self.lora = {n: sh for n, sh in lora.items() if n.startswith("self_attn.")}
+        elif part == "mlp_block":
+            self.weights = {n: ((c,) + tuple(sh[1:]) if n.startswith(("mlp.gate_proj.", "mlp.up_proj.")) else sh)
+                            for n, sh in layer.items() if n.startswith(("mlp.gate_proj.", "mlp.up_proj."))}
+            self.weights["mlp.down_proj.weight"] = (H, c)
+            self.weights[mlp_in] = layer[mlp_in]
+            self.lora = {n: ((c, sh[1]) if n in BLOCK_ROW_GRADS else (sh[0], c) if n in BLOCK_COL_GRADS else sh)
+                         for n, sh in lora.items() if n.startswith("mlp.")}
+        elif part == "mlp_out":  # the finishing calls: mlp_out norm and down bias, where the family has them
+            self.weights = {n: layer[n] for n in (mlp_out, "mlp.down_proj.bias") if n in layer}
+            self.lora = {}
+        elif part == "mlp_in":
+            self.weights, self.lora = {mlp_in: layer[mlp_in]}, {}
+        else:
+            raise ValueError(part)
+        self.stored = shapes.stored(self.weights)
+        self.fmt = shapes.quant
+
+    def inputs(self) -> list[TensorSpec]:
+        return ([TensorSpec(ident(n), sh, d) for n, (sh, d) in self.stored.items()]
+                + [TensorSpec(ident(n), sh) for n, sh in self.lora.items()])
+
+    def split(self, args: tuple[Tensor, ...]) -> tuple[dict, dict[str, Tensor], tuple[Tensor, ...]]:
+        """args = (stored..., lora..., rest...) -> (weights for the layer math, lora, rest)."""
+        k, n = len(self.stored), len(self.stored) + len(self.lora)
+        stored = {name.removesuffix(TRANSPOSED): (t.T if name.endswith(TRANSPOSED) else t)
+                  for name, t in zip(self.stored, args[:k])}
+        weights = quant.assemble(stored, list(self.weights), self.weights, self.fmt)
+        return weights, dict(zip(self.lora, args[k:n])), args[n:]
+
+
+class _SubLayer(torch.nn.Module):
+    def __init__(self, shapes: StepShapes, part: str, attention: str):
+        super().__init__()
+        self.s, self.attention, self.part = shapes, attention, LayerPart(shapes, part)
+
+
+class AttentionForward(_SubLayer):
+    def forward(self, x, *rest):
+        W, lora, _ = self.part.split(rest)
+        s = self.s
+        return (sublayer.attention_forward(x, W, lora, s.spec, s.lora.scale, self.attention, s.query_rows),)
+
+
+class AttentionBackward(_SubLayer):
+    def forward(self, x, dh1, *rest):
+        W, lora, _ = self.part.split(rest)
+        s = self.s
+        dx, grads = sublayer.attention_backward(x, dh1, W, lora, s.spec, s.lora.scale, self.attention, s.query_rows)
+        return (dx, *[grads[n] for n in self.part.lora])
+
+
+class MlpBlockForward(_SubLayer):
+    def forward(self, h1, acc, *rest):
+        W, lora, _ = self.part.split(rest)
+        return (acc + sublayer.mlp_block_forward(h1, W, lora, self.s.spec, self.s.lora.scale, self.attention),)
+
+
+class MlpBlockBackward(_SubLayer):
+    """(h1, dz, dm, weights..., lora..., gacc_<summed gradient>...) -> (dm_out, grad_<every MLP LoRA tensor>...):
+    the summed gradients (gate / up lora_A, down lora_B) added to their accumulators, the block-owned ones
+    (`BLOCK_ROW_GRADS`, `BLOCK_COL_GRADS`) the block's slice alone."""
+
+    def forward(self, h1, dz, dm, *rest):
+        W, lora, acc = self.part.split(rest)
+        dm_J, grads = sublayer.mlp_block_backward(h1, dz, W, lora, self.s.spec, self.s.lora.scale, self.attention)
+        acc = dict(zip(summed_grads(self.part), acc))
+        return (dm + dm_J, *[grads[n] + acc[n] if n in acc else grads[n] for n in self.part.lora])
+
+
+class MlpFinish(_SubLayer):
+    def forward(self, h1, acc, *rest):
+        W, _, _ = self.part.split(rest)
+        return (sublayer.mlp_finish(h1, acc, W, self.s.spec, self.attention),)
+
+
+class MlpOutBackward(_SubLayer):
+    def forward(self, acc, dy, *rest):
+        W, _, _ = self.part.split(rest)
+        return (sublayer.mlp_out_backward(acc, dy, W, self.s.spec, self.attention),)
+
+
+class MlpBackwardFinish(_SubLayer):
+    def forward(self, h1, dm, dy, *rest):
+        W, _, _ = self.part.split(rest)
+        return (sublayer.mlp_backward_finish(h1, dm, dy, W, self.s.spec, self.attention),)
+
+
+def summed_grads(part: LayerPart) -> list[str]:
+    """The MLP LoRA tensors whose gradients are sums over the blocks (accumulated through the block calls)."""
+    return [n for n in part.lora if n not in BLOCK_ROW_GRADS + BLOCK_COL_GRADS]
+
+
+def sublayer_graphs(shapes: StepShapes, attention: str) -> list[GraphDef]:
+    """The sub-layer graphs of layers of kind `attention` (`graphs.sublayer`; frozen weights as inputs):
+    attn_forward, mlp_block_forward, mlp_finish, [mlp_out_backward], mlp_block_backward, mlp_backward_finish,
+    attn_backward."""
+    h = shapes.hidden
+    X = [TensorSpec("x", h)]
+    attn, block = LayerPart(shapes, "attention"), LayerPart(shapes, "mlp_block")
+    out, mlp_in = LayerPart(shapes, "mlp_out"), LayerPart(shapes, "mlp_in")
+    graphs = [
+        GraphDef("attn_forward", AttentionForward(shapes, "attention", attention), [*X, *attn.inputs()],
+                 [TensorSpec("h1", h)]),
+        GraphDef("mlp_block_forward", MlpBlockForward(shapes, "mlp_block", attention),
+                 [TensorSpec("h1", h), TensorSpec("acc", h), *block.inputs()], [TensorSpec("acc_out", h)]),
+        GraphDef("mlp_finish", MlpFinish(shapes, "mlp_out", attention),
+                 [TensorSpec("h1", h), TensorSpec("acc", h), *out.inputs()], [TensorSpec("y", h)]),
+    ]
+    if shapes.family.norm("mlp_out") is not None:
+        graphs.append(GraphDef("mlp_out_backward", MlpOutBackward(shapes, "mlp_out", attention),
+                               [TensorSpec("acc", h), TensorSpec("dy", h), *out.inputs()], [TensorSpec("dz", h)]))
+    graphs += [
+        GraphDef("mlp_block_backward", MlpBlockBackward(shapes, "mlp_block", attention),
+                 [TensorSpec("h1", h), TensorSpec("dz", h), TensorSpec("dm", h), *block.inputs(),
+                  *[TensorSpec("gacc_" + ident(n), block.lora[n]) for n in summed_grads(block)]],
+                 [TensorSpec("dm_out", h), *[TensorSpec("grad_" + ident(n), sh) for n, sh in block.lora.items()]]),
+        GraphDef("mlp_backward_finish", MlpBackwardFinish(shapes, "mlp_in", attention),
+                 [TensorSpec("h1", h), TensorSpec("dm", h), TensorSpec("dy", h), *mlp_in.inputs()],
+                 [TensorSpec("dh1", h)]),
+        GraphDef("attn_backward", AttentionBackward(shapes, "attention", attention),
+                 [*X, TensorSpec("dh1", h), *attn.inputs()],
+                 [TensorSpec("dx", h), *[TensorSpec("grad_" + ident(n), sh) for n, sh in attn.lora.items()]]),
+    ]
+    return graphs
 
 
 class AutodiffTraced(torch.nn.Module):
@@ -388,7 +598,10 @@ def optimizer_graph(shapes: StepShapes, settings: optim_math.AdamWSettings = opt
 
 
 def layer_graphs(shapes: StepShapes, attention: str, weights: dict[str, Tensor] | None = None) -> list[GraphDef]:
-    """The forward and backward of layers of kind `attention` (weights baked in when given)."""
+    """The graphs of layers of kind `attention`: the sub-layer graphs of a split bundle (`sublayer_graphs`), or
+    the whole layer's forward and backward (weights baked in when given)."""
+    if shapes.split_layers and weights is None:
+        return sublayer_graphs(shapes, attention)
     return [layer_forward_graph(shapes, weights, attention), layer_backward_graph(shapes, weights, attention)]
 
 

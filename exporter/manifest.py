@@ -66,7 +66,12 @@ def _check_dataflow(manifest: dict, schedule_name: str, schedule: list[dict]) ->
                 raise ManifestError(f"{where} reads {source}, which does not exist at that point")
             if isinstance(source, dict) and "file" in source and source["file"] not in files:
                 raise ManifestError(f"{where} reads weights from {source['file']}, which the bundle lacks")
-        live |= set(entry["outputs"].values())
+            if isinstance(source, dict) and "file" not in source and "tensor" in source and source["tensor"] not in live:
+                raise ManifestError(f"{where} reads a slice of {source['tensor']}, which does not exist at that point")
+        for target in entry["outputs"].values():
+            if isinstance(target, dict) and target["tensor"] not in live:
+                raise ManifestError(f"{where} writes a slice of {target['tensor']}, which does not exist at that point")
+        live |= {t for t in entry["outputs"].values() if isinstance(t, str)}
         for name in entry["free"]:
             if name in persistent:
                 raise ManifestError(f"{where} frees state tensor {name}")

@@ -16,7 +16,14 @@ Schedule entries:
     {"op": "call", "graph": GRAPH_ID, "layer": i | null, "inputs": {input: SOURCE}, "outputs": {output: NAME},
      "free": [NAME, ...], "memory": {...}}
     {"op": "ort_training_step", "lr": "lr", "gradients": [NAME, ...], "parameters": [NAME, ...], "free": [NAME, ...]}
-SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, or a constant {"value": [...], "dtype": D}.
+SOURCE is a store NAME, a weight {"file": F, "tensor": T, "rows": [a, b]?}, a slice of a store tensor
+{"tensor": NAME, "rows" | "cols": [a, b]}, or a constant {"value": [...], "dtype": D}. An output goes to a store
+NAME, or into a slice {"tensor": NAME, "rows" | "cols": [a, b]} of a live tensor.
+
+Split layers (`StepShapes.split_layers`: mesp with weights as inputs): layer i is the sub-layer calls of
+`graphs.sublayer` (`_split_forward_layer`, `_split_backward_layer`), each reading its own weight rows; they
+add the store names h.i (attention output, kept for the backward), z.i (MLP output, kept for a family with
+an mlp_out norm), mlp.acc and mlp.dm (MLP block accumulators), dz and dh1.
 
 Paged state (`bundle_format.PAGED`: x.*, lora.*, grad.*, optim.*): those store tensors live in files between
 the calls that use them, so a call's planned memory counts as resident only the live tensors that are not
@@ -41,8 +48,16 @@ from dataclasses import dataclass, field
 from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
                                     grad_of, grad_state_name, is_paged, layer_file, lora_state_name,
                                     peft_tensor_name)
-from exporter.graph_defs import StepShapes, ident, matrix_input_name
+from exporter.graph_defs import (BLOCK_COL_GRADS, BLOCK_ROW_GRADS, LayerPart, StepShapes, ident, matrix_input_name,
+                                 summed_grads)
 from graphs.config import FULL, SLIDING, ModelSpec
+
+def store_name(ref) -> str | None:
+    """The store tensor a source or output target names (NAME, or a slice {"tensor": NAME, "rows" | "cols"}), if any."""
+    if isinstance(ref, str):
+        return ref
+    return ref.get("tensor") if "file" not in ref else None
+
 
 def numel(shape) -> int:
     n = 1
@@ -94,8 +109,12 @@ class _Builder:
                            if isinstance(inputs[t["name"]], dict) and "file" in inputs[t["name"]])
         weight_bytes += entry.get("constant_bytes", 0)
         for t in entry["outputs"]:
-            self.live[outputs[t["name"]]] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
-        touched = {v for v in inputs.values() if isinstance(v, str)} | set(outputs.values())
+            target = outputs[t["name"]]
+            if isinstance(target, str):
+                self.live[target] = numel(t["shape"]) * DTYPE_BYTES[t["dtype"]]
+            else:  # a slice of a live tensor
+                assert target["tensor"] in self.live, (graph, target)
+        touched = {store_name(v) for v in [*inputs.values(), *outputs.values()] if store_name(v) is not None}
         store = sum(n for name, n in self.live.items() if name in touched or not is_paged(name))  # resident
         paged = sum(self.live.values()) - store  # in page files during this call
         arena = entry.get("arena_bytes")
@@ -141,6 +160,9 @@ def _forward(b: _Builder, keep_layer_inputs: bool) -> None:
                 "offset": {"value": [c * rows], "dtype": "int64"}, "acc": "embed.acc"},
                {"acc_out": "x.0" if last else "embed.acc"}, ["embed.acc"] if last else [])
     for i in range(L):
+        if s.split_layers:
+            _split_forward_layer(b, i, keep_layer_inputs)
+            continue
         b.call(layer_graph_id(s.spec, "layer_forward", i, b.baked), i, {"x": f"x.{i}", **_layer_inputs(s, i, b.baked)},
                {"y": f"x.{i + 1}"}, [] if keep_layer_inputs else [f"x.{i}"])
     for name, value in (("mu", "-inf"), ("s", 0.0), ("P", 0.0), ("T", 0.0)):
@@ -179,8 +201,79 @@ def _builder(shapes: StepShapes, graphs: dict[str, dict], baked_layers: bool) ->
     return b
 
 
+def _part_inputs(s: StepShapes, part: LayerPart, i: int, block: tuple[int, int] | None = None) -> dict:
+    """The sources of a sub-layer graph's frozen and LoRA inputs for layer i (MLP block [a, b): its rows)."""
+    inputs = {}
+    for n in part.stored:
+        rows = None if block is None else s.block_rows(n, *block)
+        inputs[ident(n)] = {"file": layer_file(i), "tensor": n, **({"rows": rows} if rows else {})}
+    for n in part.lora:
+        inputs[ident(n)] = _lora_slice(lora_state_name(i, n), n, block)
+    return inputs
+
+
+def _lora_slice(store: str, name: str, block: tuple[int, int] | None):
+    """Store tensor `store` (LoRA tensor or gradient `name` of a layer), or block [a, b)'s rows / columns of it."""
+    if block is not None and name in BLOCK_ROW_GRADS:
+        return {"tensor": store, "rows": list(block)}
+    if block is not None and name in BLOCK_COL_GRADS:
+        return {"tensor": store, "cols": list(block)}
+    return store
+
+
+def _sub_id(b: _Builder, kind: str, i: int) -> str:
+    return layer_graph_id(b.shapes.spec, kind, i, False)
+
+
+def _split_forward_layer(b: _Builder, i: int, keep: bool) -> None:
+    """Layer i as sub-layer calls (`graphs.sublayer`): attention (h.i), the MLP blocks into an accumulator, the
+    finish (x.{i+1}). Training keeps h.i (and z.i, for an mlp_out norm) for the backward."""
+    s = b.shapes
+    attn, block, out = LayerPart(s, "attention"), LayerPart(s, "mlp_block"), LayerPart(s, "mlp_out")
+    acc = f"z.{i}" if keep and s.family.norm("mlp_out") is not None else "mlp.acc"
+    b.call(_sub_id(b, "attn_forward", i), i, {"x": f"x.{i}", **_part_inputs(s, attn, i)}, {"h1": f"h.{i}"},
+           [] if keep else [f"x.{i}"])
+    b.fill(acc, s.hidden, 0.0)
+    for bounds in s.mlp_bounds():
+        b.call(_sub_id(b, "mlp_block_forward", i), i, {"h1": f"h.{i}", "acc": acc, **_part_inputs(s, block, i, bounds)},
+               {"acc_out": acc})
+    b.call(_sub_id(b, "mlp_finish", i), i, {"h1": f"h.{i}", "acc": acc, **_part_inputs(s, out, i)},
+           {"y": f"x.{i + 1}"}, ([] if acc != "mlp.acc" else [acc]) + ([] if keep else [f"h.{i}"]))
+
+
+def _split_backward_layer(b: _Builder, i: int) -> None:
+    """Layer i's backward as sub-layer calls: [dz from z.i], the MLP blocks (dm and the MLP LoRA gradients), dh1,
+    then the attention backward (dy, the attention LoRA gradients); x.i and h.i freed."""
+    s = b.shapes
+    attn, block = LayerPart(s, "attention"), LayerPart(s, "mlp_block")
+    out, mlp_in = LayerPart(s, "mlp_out"), LayerPart(s, "mlp_in")
+    dz = "dy"
+    if s.family.norm("mlp_out") is not None:
+        dz = "dz"
+        b.call(_sub_id(b, "mlp_out_backward", i), i, {"acc": f"z.{i}", "dy": "dy", **_part_inputs(s, out, i)},
+               {"dz": dz}, [f"z.{i}"])
+    b.fill("mlp.dm", s.hidden, 0.0)
+    full = s.lora.layer_lora_shapes(s.spec)
+    for n in block.lora:
+        b.fill(grad_state_name(i, n), full[n], 0.0)
+    summed = summed_grads(block)
+    for bounds in s.mlp_bounds():
+        b.call(_sub_id(b, "mlp_block_backward", i), i,
+               {"h1": f"h.{i}", "dz": dz, "dm": "mlp.dm", **_part_inputs(s, block, i, bounds),
+                **{f"gacc_{ident(n)}": grad_state_name(i, n) for n in summed}},
+               {"dm_out": "mlp.dm", **{f"grad_{ident(n)}": _lora_slice(grad_state_name(i, n), n, bounds)
+                                       for n in block.lora}})
+    b.call(_sub_id(b, "mlp_backward_finish", i), i,
+           {"h1": f"h.{i}", "dm": "mlp.dm", "dy": "dy", **_part_inputs(s, mlp_in, i)}, {"dh1": "dh1"},
+           [f"h.{i}", "mlp.dm"] + (["dz"] if dz != "dy" else []))
+    b.call(_sub_id(b, "attn_backward", i), i, {"x": f"x.{i}", "dh1": "dh1", **_part_inputs(s, attn, i)},
+           {"dx": "dy", **{f"grad_{ident(n)}": grad_state_name(i, n) for n in attn.lora}}, [f"x.{i}", "dh1"])
+
+
 def _backward_layer(b: _Builder, i: int) -> None:
     """Layer i's backward: dy and layer i's LoRA gradients; x.i freed."""
+    if b.shapes.split_layers:
+        return _split_backward_layer(b, i)
     grads = {f"grad_{ident(n)}": grad_state_name(i, n) for n in b.shapes.lora_names()}
     b.call(layer_graph_id(b.shapes.spec, "layer_backward", i, b.baked), i, {"x": f"x.{i}", "dy": "dy", **_layer_inputs(b.shapes, i, b.baked)},
            {"dx": "dy", **grads}, [f"x.{i}"])

@@ -30,9 +30,18 @@ MLP_BLOCK_TOKENS = 256
 ATTENTION_QUERY_ROWS = 128
 
 
-def default_mlp_blocks(tokens: int) -> int:
-    """MLP_BLOCKS per started MLP_BLOCK_TOKENS tokens of one step (batch x sequence): 4 at 256, 16 at 1024."""
-    return MLP_BLOCKS * max(1, -(-tokens // MLP_BLOCK_TOKENS))
+MLP_BLOCK_BYTES = 16 * 2**20  # at most this much of float32 gate + up + down weights per MLP block
+
+
+def default_mlp_blocks(tokens: int, spec: "ModelSpec | None" = None) -> int:
+    """MLP_BLOCKS per started MLP_BLOCK_TOKENS tokens of one step (batch x sequence): 4 at 256, 16 at 1024; and
+    enough blocks that one holds at most MLP_BLOCK_BYTES of (dequantized) weights: 4 for Qwen2.5-0.5B (52 MB of
+    MLP weights), 17 for Qwen2.5-3B (270 MB). A split bundle rounds up to equal blocks
+    (`StepShapes.mlp_block_rows`)."""
+    by_tokens = MLP_BLOCKS * max(1, -(-tokens // MLP_BLOCK_TOKENS))
+    if spec is None:
+        return by_tokens
+    return max(by_tokens, -(-3 * spec.intermediate_size * spec.hidden_size * 4 // MLP_BLOCK_BYTES))
 
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # per-layer attention kinds (transformers' names)

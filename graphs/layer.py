@@ -26,6 +26,8 @@ checkpointing (MeBP) baseline.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from graphs import ops
@@ -56,8 +58,13 @@ class _Layer:
         self.nh, self.nkv, self.D = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.g = self.nh // self.nkv
         self.qscale, self.window = spec.query_scale, spec.window(self.kind)
-        theta, scaling = spec.rope(self.kind)
-        self.cos, self.sin = ops.rope_cos_sin(seq_len, self.D, theta, dtype, scaling)
+        self.seq_len, self.dtype = seq_len, dtype
+
+    @functools.cached_property
+    def rope(self) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of the layer's RoPE, made when first used (an MLP-only call has none)."""
+        theta, scaling = self.spec.rope(self.kind)
+        return ops.rope_cos_sin(self.seq_len, self.D, theta, self.dtype, scaling)
 
     def norm(self, role: str, x: Tensor) -> Tensor:
         name = self.fam.norm(role)
@@ -69,10 +76,10 @@ class _Layer:
 
     def qk(self, role: str, t: Tensor) -> Tensor:
         """RoPE(N_role(t)) for heads t (B, n, S, D)."""
-        return ops.apply_rope(self.norm(role, t), self.cos, self.sin)
+        return ops.apply_rope(self.norm(role, t), *self.rope)
 
     def qk_backward(self, role: str, t: Tensor, dy: Tensor) -> Tensor:
-        return self.norm_backward(role, t, ops.apply_rope_backward(dy, self.cos, self.sin))
+        return self.norm_backward(role, t, ops.apply_rope_backward(dy, *self.rope))
 
 
 def decoder_layer_forward(x: Tensor, weights: dict[str, Tensor], lora: dict[str, Tensor],
@@ -138,9 +145,10 @@ def _attention_by_group(x: Tensor, L: _Layer, lora: dict[str, Tensor], scale: fl
     return x + L.norm("attn_out", o_out), o_out, proj, qs, ks, vs
 
 
-def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, mlp_blocks: int) -> Tensor:
+def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, mlp_blocks: int,
+                  bias: bool = True) -> Tensor:
     """down(act(gate(m)) * up(m)), one block J of intermediate channels at a time:
-    sum_J act_J Wd[:, J]^T + s (sum_J act_J Ad[:, J]^T) Bd^T."""
+    sum_J act_J Wd[:, J]^T + s (sum_J act_J Ad[:, J]^T) Bd^T (+ the down bias when `bias`)."""
     W = L.W
     gate = ops.RowBlockLora(m, W["mlp.gate_proj.weight"], W.get("mlp.gate_proj.bias"),
                             *_lora_pair(lora, "mlp.gate_proj"), scale)
@@ -149,7 +157,7 @@ def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, m
     Wd = W["mlp.down_proj.weight"]
     Ad, Bd = _lora_pair(lora, "mlp.down_proj")
     out = hd = None
-    for J in ops.blocks(L.spec.intermediate_size, mlp_blocks):
+    for J in ops.blocks(W["mlp.gate_proj.weight"].shape[0], mlp_blocks):
         act = ops.glu(gate.forward(J), up.forward(J), L.fam.activation)  # (B, S, |J|)
         part = act @ Wd[:, J].T
         out = part if out is None else out + part
@@ -159,7 +167,7 @@ def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, m
         del act, part
     if Ad is not None:
         out = out + scale * (hd @ Bd.T)
-    if "mlp.down_proj.bias" in W:
+    if bias and "mlp.down_proj.bias" in W:
         out = out + W["mlp.down_proj.bias"]
     return out
 
@@ -190,31 +198,37 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
       3. d(o_proj out) = N_attn_out'^T dh1; attention backward one kv group and one block of `query_rows`
          queries (or sliding band) at a time, p recomputed; RoPE and q/k-norm backward; q/k/v backward;
       4. dx = dh1 + N_attn_in'(x)^T da.
-    LoRA `h = x A^T` terms are recomputed inside each linear's backward.
+    LoRA `h = x A^T` terms are recomputed inside each linear's backward. `graphs.sublayer` runs the same
+    steps as separate calls (attention; MLP channel blocks).
     """
     L = _Layer(spec, weights, attention, x.shape[1], x.dtype, query_rows)
-    W, g, D = weights, L.g, L.D
-    act_kind = L.fam.activation
-
-    # 1. attention forward, per kv group (keeps projected q, k, v and the q/k/v projections' LoRA h)
-    h1, o_out, proj, qs, ks, vs = _attention_by_group(x, L, lora, scale)
-    Jq = [slice(j * g * D, (j + 1) * g * D) for j in range(L.nkv)]
-    Jk = [slice(j * D, (j + 1) * D) for j in range(L.nkv)]
-    Ao, Bo = _lora_pair(lora, "self_attn.o_proj")
-
-    # 2. MLP forward + backward, one block of intermediate channels at a time
-    m = L.norm("mlp_in", h1)
-    dz = dy
+    forward = _attention_by_group(x, L, lora, scale)  # 1.
+    h1 = forward[0]
+    dz = dy  # 2.
     if L.fam.norm("mlp_out") is not None:
-        dz = L.norm_backward("mlp_out", _mlp_by_block(m, L, lora, scale, mlp_blocks), dy)
+        dz = L.norm_backward("mlp_out", _mlp_by_block(L.norm("mlp_in", h1), L, lora, scale, mlp_blocks), dy)
+    dm, grads = _mlp_backward(h1, dz, L, lora, scale, mlp_blocks)
+    dh1 = dy + L.norm_backward("mlp_in", h1, dm)
+    del h1, dz, dm
+    dx, attention_grads = _attention_backward(x, dh1, L, lora, scale, forward)  # 3., 4.
+    grads.update(attention_grads)
+    return dx, {name: grads[name] for name in lora}
+
+
+def _mlp_backward(h1: Tensor, dz: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, mlp_blocks: int
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(dm, MLP LoRA gradients) for dz = d(down output): forward+backward one block of intermediate channels
+    at a time (gate/up/act/dact exist one block at a time); dm is the gradient w.r.t. m = N_mlp_in(h1)."""
+    W = L.W
+    m = L.norm("mlp_in", h1)
     gate = ops.RowBlockLora(m, W["mlp.gate_proj.weight"], W.get("mlp.gate_proj.bias"),
                             *_lora_pair(lora, "mlp.gate_proj"), scale)
     up = ops.RowBlockLora(m, W["mlp.up_proj.weight"], W.get("mlp.up_proj.bias"), *_lora_pair(lora, "mlp.up_proj"),
                           scale)
     down = ops.ColBlockLora(dz, W["mlp.down_proj.weight"], *_lora_pair(lora, "mlp.down_proj"), scale)
-    for J in ops.blocks(spec.intermediate_size, mlp_blocks):
+    for J in ops.blocks(W["mlp.gate_proj.weight"].shape[0], mlp_blocks):
         gate_J, up_J = gate.forward(J), up.forward(J)  # (B, S, |J|)
-        act_J, dgate_J, dup_J = _glu_with_backward(gate_J, up_J, down, J, act_kind)
+        act_J, dgate_J, dup_J = _glu_with_backward(gate_J, up_J, down, J, L.fam.activation)
         up.backward(J, dup_J)
         gate.backward(J, dgate_J)
         del gate_J, up_J, act_J, dgate_J, dup_J
@@ -225,13 +239,21 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
         dm = d if dm is None else dm + d
         _store(grads, module, dA, dB)
     _store(grads, "mlp.down_proj", *down.finish())
-    dh1 = dy + L.norm_backward("mlp_in", h1, dm)
-    del m, gate, up, down, dm, h1, dz
+    return dm, grads
 
-    # 3. attention backward, per kv group (p recomputed)
+
+def _attention_backward(x: Tensor, dh1: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, forward: tuple
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """(dx, attention LoRA gradients) from dh1 = d h1 and the kept results of `_attention_by_group`:
+    d(o_proj out) = N_attn_out'^T dh1; one kv group and one block of queries (or sliding band) at a time, p
+    recomputed; RoPE and q/k-norm backward; q/k/v backward; dx = dh1 + N_attn_in'(x)^T da."""
+    _, o_out, proj, qs, ks, vs = forward
+    W, g, D = L.W, L.g, L.D
+    Jq = [slice(j * g * D, (j + 1) * g * D) for j in range(L.nkv)]
+    Jk = [slice(j * D, (j + 1) * D) for j in range(L.nkv)]
     do_out = L.norm_backward("attn_out", o_out, dh1)
     del o_out
-    o_proj = ops.ColBlockLora(do_out, W["self_attn.o_proj.weight"], Ao, Bo, scale)
+    o_proj = ops.ColBlockLora(do_out, W["self_attn.o_proj.weight"], *_lora_pair(lora, "self_attn.o_proj"), scale)
     for j in range(L.nkv):
         q_raw, k_raw, v = qs[j], ks[j], vs[j]
         q, k = L.qk("q", q_raw), L.qk("k", k_raw)[:, 0]  # (B, g, S, D), (B, S, D)
@@ -244,16 +266,14 @@ def decoder_layer_backward(x: Tensor, dy: Tensor, weights: dict[str, Tensor], lo
         proj["v"].backward(Jk[j], dv)
         qs[j] = ks[j] = vs[j] = None
         del q, k, v, q_raw, k_raw, do, dq, dk, dv
+    grads: dict[str, Tensor] = {}
     _store(grads, "self_attn.o_proj", *o_proj.finish())
     da = None
     for name in ("q", "k", "v"):
         d, dA, dB = proj[name].finish()
         da = d if da is None else da + d
         _store(grads, f"self_attn.{name}_proj", dA, dB)
-
-    # 4. input norm and the residual
-    dx = dh1 + L.norm_backward("attn_in", x, da)
-    return dx, {name: grads[name] for name in lora}
+    return dh1 + L.norm_backward("attn_in", x, da), grads
 
 
 def _glu_with_backward(gate_J: Tensor, up_J: Tensor, down: ops.ColBlockLora, J: slice, kind: str):

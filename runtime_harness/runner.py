@@ -74,6 +74,13 @@ def read_tensor(path: Path, header: tuple[int, dict], name: str, rows: list[int]
                           f"({e.strerror if isinstance(e, OSError) else e})") from None
 
 
+def _slice(ref: dict) -> tuple:
+    """The index of a store slice {"tensor": NAME, "rows": [a, b]} or {"tensor": NAME, "cols": [a, b]}."""
+    if "rows" in ref:
+        return (slice(*ref["rows"]),)
+    return (slice(None), slice(*ref["cols"]))
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -338,6 +345,8 @@ class BundleRunner:
                 elif "file" in source:
                     value = self._weight(source, files)
                     weight_bytes += value.nbytes
+                elif "tensor" in source:  # rows or columns of a store tensor
+                    value = np.asarray(store[source["tensor"]])[_slice(source)]
                 else:
                     value = np.asarray(source["value"])
                 args.append(np.ascontiguousarray(value, dtype=NP_DTYPES[spec["dtype"]]))
@@ -347,7 +356,12 @@ class BundleRunner:
             seconds = time.perf_counter() - t0
             del args
             for spec, value in zip(graph["outputs"], outputs):
-                self.put(store, entry["outputs"][spec["name"]], value)
+                target = entry["outputs"][spec["name"]]
+                if not isinstance(target, str):  # into rows or columns of a store tensor: a new value of it
+                    whole = np.array(store[target["tensor"]])
+                    whole[_slice(target)] = value
+                    target, value = target["tensor"], whole
+                self.put(store, target, value)
             fn = outputs = value = None  # nothing of the call outlives it but the store (a released
             #                               program must not stay alive through `fn`)
             finish(entry, CallRecord(index, entry["graph"], entry.get("layer"), seconds,

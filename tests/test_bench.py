@@ -42,4 +42,5 @@ def test_bench_runs_every_method_side_by_side(tiny_checkpoint, tmp_path, capsys)
     assert "GFLOP/s" in table and "Where the time of one mesp step goes" in table
     assert "| mesp |" in table and "time / mebp" in table
     assert (out / "memory_per_call.png").stat().st_size > 0 and (out / "memory_split.png").stat().st_size > 0
-    assert len(report["memory_per_call"]["mesp"]) == len(report["memory_per_call"]["mebp"])
+    # mesp runs each layer as sub-layer calls (attention, MLP blocks), mebp as one call per layer
+    assert len(report["memory_per_call"]["mesp"]) > len(report["memory_per_call"]["mebp"]) > 0

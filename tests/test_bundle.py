@@ -62,7 +62,7 @@ def test_sgd_update_is_applied_per_layer_right_after_its_gradients(eager, tiny_c
     runner = BundleRunner(tmp_path / "bundle")
     schedule = runner.manifest["schedules"]["train_step"]
     graphs = [e["graph"] for e in schedule if e["op"] == "call"]
-    backward = [k for k, g in enumerate(graphs) if g.endswith("layer_backward")]
+    backward = [k for k, g in enumerate(graphs) if g.endswith(("layer_backward", "attn_backward"))]  # a layer's last
     assert all(graphs[k + 1] == "optimizer.optimizer" for k in backward)
     from runtime_harness.verify import bundle_gradients, nonzero_adapter, seeded_batch
 
@@ -80,9 +80,15 @@ def test_manifest_validation_catches_broken_schedules(eager, tiny_checkpoint, tm
     manifest = _build(tiny_checkpoint, tmp_path / "bundle")
     manifest.pop("bundle_dir")
     broken = json.loads(json.dumps(manifest))
-    first_layer = next(e for e in broken["schedules"]["train_step"] if e.get("graph") == "layer.layer_forward")
+    first_layer = next(e for e in broken["schedules"]["train_step"] if e.get("layer") == 0 and "x" in e["inputs"])
     first_layer["inputs"]["x"] = "x.7"
     with pytest.raises(ManifestError, match="x.7"):
+        validate(broken)
+    broken = json.loads(json.dumps(manifest))  # a slice of a tensor that does not exist yet
+    block = next(e for e in broken["schedules"]["train_step"] if e.get("graph") == "layer.mlp_block_backward")
+    target = next(t for t in block["outputs"].values() if isinstance(t, dict))
+    target["tensor"] = "grad.9.nothing"
+    with pytest.raises(ManifestError, match="grad.9.nothing"):
         validate(broken)
     broken = json.loads(json.dumps(manifest))
     broken["backend"] = "tflite"

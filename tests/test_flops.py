@@ -59,3 +59,11 @@ def test_every_graph_of_a_bundle_carries_its_flops(tiny_bundles, backend):
         assert graph["flops"] >= 0
         if graph["kind"] == "layer_forward":
             assert graph["flops"] == layer_forward_flops(spec, lora, manifest["seq_len"], graph["attention"])
+    calls = [e for e in manifest["schedules"]["eval_loss"] if e["op"] == "call" and e["layer"] == 0]
+    if manifest["graphs"][calls[0]["graph"]]["kind"] == "attn_forward":  # sub-layer calls: the layer's sum, plus
+        # each MLP block's own LoRA h = m A^T (gate, up) and s h B^T (down) terms, r x H each
+        blocks = sum(manifest["graphs"][e["graph"]]["kind"] == "mlp_block_forward" for e in calls)
+        mlp_adapted = sum(m.startswith("mlp.") for m in lora.modules)
+        extra = (blocks - 1) * 2 * manifest["seq_len"] * lora.rank * spec.hidden_size * mlp_adapted
+        assert sum(manifest["graphs"][e["graph"]]["flops"] for e in calls) == extra + layer_forward_flops(
+            spec, lora, manifest["seq_len"], spec.layer_types[0])

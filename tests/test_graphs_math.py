@@ -12,6 +12,7 @@ import torch
 
 from graphs import head, layer, ops, optim, qwen2
 from graphs.config import ALL_TARGETS, LoraConfig, RopeScaling
+from graphs.family import get_family
 from helpers import TINY_FAMILY_SPECS, random_layer_weights, random_lora, tiny_spec, torch_threads
 
 F64 = torch.float64
@@ -326,3 +327,51 @@ def test_sgd_matches_torch():
         ours = optim.sgd_update(ours, grads, torch.tensor([1e-2], dtype=F64))
     for a, b in zip(ours, refs):
         assert rel_err(a, b) <= 1e-12
+
+
+def _by_calls(x, dy, W, lora, spec, kind, scale, blocks, query_rows):
+    """The layer's forward and backward composed of `graphs.sublayer` calls, as a split schedule runs them."""
+    from graphs import sublayer
+
+    J_all = list(ops.blocks(spec.intermediate_size, blocks))
+    h1 = sublayer.attention_forward(x, W, lora, spec, scale, kind, query_rows)
+    z = sum(sublayer.mlp_block_forward(h1, *sublayer.block_tensors(W, lora, J), spec, scale, kind) for J in J_all)
+    y = sublayer.mlp_finish(h1, z, W, spec, kind)
+    has_out_norm = get_family(spec.family).norm("mlp_out") is not None
+    dz = sublayer.mlp_out_backward(z, dy, W, spec, kind) if has_out_norm else dy
+    dm, grads = 0, {}
+    for J in J_all:
+        dm_J, g = sublayer.mlp_block_backward(h1, dz, *sublayer.block_tensors(W, lora, J), spec, scale, kind)
+        dm = dm + dm_J
+        for name, t in g.items():  # sums over blocks; block-owned rows / columns concatenated
+            if name in ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B", "mlp.down_proj.lora_A"):
+                grads.setdefault(name, []).append(t)
+            else:
+                grads[name] = grads.get(name, 0) + t
+    grads = {n: torch.cat(t, dim=1 if n.endswith("lora_A") else 0) if isinstance(t, list) else t
+             for n, t in grads.items()}
+    dh1 = sublayer.mlp_backward_finish(h1, dm, dy, W, spec, kind)
+    dx, attn_grads = sublayer.attention_backward(x, dh1, W, lora, spec, scale, kind, query_rows)
+    return y, dx, {**grads, **attn_grads}
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("targets", TARGET_SETS, ids=["-".join(t) for t in TARGET_SETS])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_sublayer_calls_match_autograd(spec_name, targets, blocks):
+    """Attention call, MLP channel-block calls and their finishing calls give the layer's y, dx and every
+    LoRA gradient (float64 autograd of the plain layer)."""
+    spec, kind = SPECS[spec_name]
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=targets, seq_len=11)
+    W, lora = random_layer_weights(spec, F64), random_lora(spec, lora_cfg, F64)
+    x = torch.randn(2, 11, spec.hidden_size, dtype=F64)
+    dy = torch.randn_like(x)
+    y, dx, grads = _by_calls(x, dy, W, lora, spec, kind, lora_cfg.scale, blocks, 4)
+    assert set(grads) == set(lora)
+    names = list(lora)
+    assert rel_err(y, layer.decoder_layer_forward(x, W, lora, spec, lora_cfg.scale, kind)) <= TOL
+    refs = vjp(lambda x, *ab: layer.decoder_layer_forward(x, W, dict(zip(names, ab)), spec, lora_cfg.scale, kind),
+               [x] + [lora[n] for n in names], dy)
+    assert rel_err(dx, refs[0]) <= TOL
+    for name, ref in zip(names, refs[1:]):
+        assert rel_err(grads[name], ref) <= TOL, name

@@ -35,26 +35,32 @@ def test_verify_catches_a_corrupted_backward_graph(tiny_bundle, tmp_path, monkey
     bundle = tmp_path / "corrupted"
     shutil.copytree(tiny_bundle, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    original = gd.LayerBackward.forward
+    backend = get_backend(manifest["backend"])
+    # the graph whose output is v_proj's dB: the whole layer's backward, or a split bundle's attention backward
+    module = gd.LayerBackward if backend.weights_in_graphs else gd.AttentionBackward
+    original = module.forward
 
     def perturbed(self, *args):
         out = list(original(self, *args))
-        k = 1 + self.shapes.lora_names().index("self_attn.v_proj.lora_B")
+        names = self.shapes.lora_names() if module is gd.LayerBackward else list(self.part.lora)
+        k = 1 + names.index("self_attn.v_proj.lora_B")
         out[k] = out[k] * 1.001
         return tuple(out)
 
-    monkeypatch.setattr(gd.LayerBackward, "forward", perturbed)
-    from exporter.graph_defs import StepShapes, layer_backward_graph, layer_forward_graph
-    from graphs.config import ModelSpec
+    monkeypatch.setattr(module, "forward", perturbed)
+    from exporter.graph_defs import StepShapes, layer_backward_graph, layer_forward_graph, layer_graphs
+    from graphs.config import MLP_BLOCKS, ModelSpec
 
     spec = ModelSpec(**manifest["model"]["architecture"])
-    shapes = StepShapes(spec, LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128)
-    backend = get_backend(manifest["backend"])
+    blocks = sum(manifest["graphs"][e["graph"]]["kind"] == "mlp_block_forward"
+                 for e in manifest["schedules"]["eval_loss"] if e["op"] == "call" and e["layer"] == 0)
+    shapes = StepShapes(spec, LoraConfig(rank=4, seq_len=16), vocab_chunk_rows=128, mlp_blocks=blocks or MLP_BLOCKS,
+                        split_layers=not backend.weights_in_graphs)
     if backend.weights_in_graphs:  # Core ML: layer 1's own package, with its weights baked in
         weights = reference.source_weights(manifest).layer(1)
         backend.lower("layer_01", [layer_forward_graph(shapes, weights), layer_backward_graph(shapes, weights)], bundle)
     else:
-        backend.lower("layer", [layer_forward_graph(shapes), layer_backward_graph(shapes)], bundle)
+        backend.lower("layer", layer_graphs(shapes, spec.attention_kinds[0]), bundle)
     resign(bundle, manifest)  # re-sign, so that only the math can give it away
     report = verify(bundle, seed=0)
     assert not report["ok"]

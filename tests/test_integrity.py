@@ -68,8 +68,8 @@ TAMPER = {
     "manifest checksum missing": (lambda b: (b / "manifest.sha256").unlink(), "manifest.sha256 is missing"),
     "layer weights": (lambda b: _flip_byte(b / "weights" / "layer_01.safetensors"),
                       "weights/layer_01.safetensors was altered"),
-    "graph": (lambda b: _flip_byte(b / "graphs" / "layer.layer_backward.pt2", 100),
-              "graphs/layer.layer_backward.pt2 was altered"),
+    "graph": (lambda b: _flip_byte(b / "graphs" / "layer.attn_backward.pt2", 100),
+              "graphs/layer.attn_backward.pt2 was altered"),
     "adapter": (lambda b: _flip_byte(b / "adapter" / "adapter_model.safetensors"),
                 "adapter/adapter_model.safetensors was altered"),
     "missing file": (lambda b: (b / "weights" / "final_norm.safetensors").unlink(),
@@ -125,7 +125,7 @@ def test_untampered_bundle_checks_and_sha256sum_agrees(bundle):
 def test_corrupted_cache_entries_are_rebuilt(eager_patch, tiny_checkpoint, tmp_path, monkeypatch):
     cache_root = tmp_path / "cache"
     first = _build(tiny_checkpoint, tmp_path / "a", ArtifactCache(cache_root))
-    cached_graph = next(cache_root.rglob("files/graphs/layer.layer_backward.pt2"))
+    cached_graph = next(cache_root.rglob("files/graphs/layer.attn_backward.pt2"))
     cached_weight = next(p for p in cache_root.rglob("file")
                          if (p.parent / "sha256").read_text() == first["files"]["weights/layer_01.safetensors"]["sha256"])
     _flip_byte(cached_graph, 100)

@@ -13,7 +13,7 @@ import pytest
 from exporter.cli import main as exporter_main
 from exporter.cli import parser as exporter_parser
 from exporter.config import DEFAULT_DELEGATE, BuildConfig
-from graphs.config import MLP_BLOCK_TOKENS, MLP_BLOCKS
+from graphs.config import MLP_BLOCK_BYTES, MLP_BLOCK_TOKENS, MLP_BLOCKS
 from graphs.config import LoraConfig
 from runtime_harness.cli import main as harness_main
 from runtime_harness.cli import parser as harness_parser
@@ -198,7 +198,8 @@ def test_help_shows_every_default_from_the_config_dataclasses():
     for flag, value in [("--seq-len", lora.seq_len), ("--lora-rank", lora.rank), ("--lora-alpha", f"{lora.alpha:g}"),
                         ("--lora-targets", ",".join(lora.targets)), ("--optimizer", b.optimizer),
                         ("--method", b.method), ("--vocab-chunk-rows", b.vocab_chunk_rows),
-                        ("--mlp-blocks", f"{MLP_BLOCKS} per {MLP_BLOCK_TOKENS} tokens"), ("--seed", b.seed),
+                        ("--mlp-blocks", f"{MLP_BLOCKS} per {MLP_BLOCK_TOKENS} tokens, and one per "
+                                         f"{MLP_BLOCK_BYTES // 2**20} MiB of float32 MLP weights"), ("--seed", b.seed),
                         ("--delegate", DEFAULT_DELEGATE["executorch"])]:
         assert f"(default: {value})" in helps[flag], (flag, helps[flag])
     assert all(helps[f] for f in helps), [f for f in helps if not helps[f]]

@@ -186,7 +186,8 @@ def delegate_calls(et_program) -> dict[str, int]:
 
 # graph kinds lowered through the delegate; the other programs (embedding gather, head_finish, optimizer:
 # no matrix products) stay on the portable kernels
-DELEGATED_KINDS = ("layer_forward", "layer_backward", "head_chunk")
+DELEGATED_KINDS = ("layer_forward", "layer_backward", "attn_forward", "attn_backward", "mlp_block_forward",
+                   "mlp_block_backward", "head_chunk")
 
 
 def delegated_program(graphs: list[GraphDef]) -> bool:
