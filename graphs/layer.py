@@ -159,10 +159,10 @@ def _mlp_by_block(m: Tensor, L: _Layer, lora: dict[str, Tensor], scale: float, m
     out = hd = None
     for J in ops.blocks(W["mlp.gate_proj.weight"].shape[0], mlp_blocks):
         act = ops.glu(gate.forward(J), up.forward(J), L.fam.activation)  # (B, S, |J|)
-        part = act @ Wd[:, J].T
+        part = act @ ops.cols(Wd, J).T
         out = part if out is None else out + part
         if Ad is not None:
-            hpart = act @ Ad[:, J].T
+            hpart = act @ ops.cols(Ad, J).T
             hd = hpart if hd is None else hd + hpart
         del act, part
     if Ad is not None:

@@ -282,6 +282,21 @@ def lora_linear_backward(x: Tensor, dy: Tensor, weight: Tensor, lora_A: Tensor |
     return dx, dA, dB
 
 
+def rows(t, J: slice):
+    """t[J] (a quantized t: those rows dequantized); all of t without a slice op when J covers it (an exported
+    no-op slice still copies on ONNX Runtime)."""
+    return dense(t) if _whole(J, t.shape[0]) else t[J]
+
+
+def cols(t, J: slice):
+    """t[:, J], likewise."""
+    return dense(t) if _whole(J, t.shape[1]) else t[:, J]
+
+
+def _whole(J: slice, n: int) -> bool:
+    return (J.start or 0) == 0 and (J.stop is None or J.stop >= n) and J.step in (None, 1)
+
+
 class RowBlockLora:
     """y = x W^T + b + s h B^T (h = x A^T), visited in blocks of output rows J (W[J] is all of W that a block
     reads: a quantized W dequantizes those rows only).
@@ -299,18 +314,18 @@ class RowBlockLora:
         self.dB_blocks: list[Tensor] = []
 
     def forward(self, J: slice) -> Tensor:
-        y = F.linear(self.x, self.weight[J], None if self.bias is None else self.bias[J])
+        y = F.linear(self.x, rows(self.weight, J), None if self.bias is None else rows(self.bias, J))
         if self.h is not None:
-            y = y + self.s * (self.h @ self.B[J].T)
+            y = y + self.s * (self.h @ rows(self.B, J).T)
         return y
 
     def backward(self, J: slice, dy: Tensor) -> None:
-        dx = dy @ self.weight[J]
+        dx = dy @ rows(self.weight, J)
         self.dx = dx if self.dx is None else self.dx + dx
         if self.h is not None:
             dy2 = dy.reshape(-1, dy.shape[-1])
             self.dB_blocks.append(self.s * (dy2.T @ self.h.reshape(-1, self.h.shape[-1])))
-            gB = dy @ self.B[J]
+            gB = dy @ rows(self.B, J)
             self.gB = gB if self.gB is None else self.gB + gB
 
     def finish(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -318,7 +333,7 @@ class RowBlockLora:
             return self.dx, None, None
         x2, gB2 = self.x.reshape(-1, self.x.shape[-1]), self.gB.reshape(-1, self.gB.shape[-1])
         dA = self.s * (gB2.T @ x2)
-        dB = torch.cat(self.dB_blocks, dim=0)
+        dB = self.dB_blocks[0] if len(self.dB_blocks) == 1 else torch.cat(self.dB_blocks, dim=0)
         return self.dx + self.s * (self.gB @ self.A), dA, dB
 
 
@@ -336,20 +351,21 @@ class ColBlockLora:
         self.dA_blocks: list[Tensor] = []
 
     def backward(self, J: slice, x_J: Tensor) -> Tensor:
-        dx = self.dy @ self.weight[:, J]
+        dx = self.dy @ cols(self.weight, J)
         if self.gB is None:
             return dx
         x2, gB2 = x_J.reshape(-1, x_J.shape[-1]), self.gB.reshape(-1, self.gB.shape[-1])
         self.dA_blocks.append(self.s * (gB2.T @ x2))
-        h = x_J @ self.A[:, J].T
+        h = x_J @ cols(self.A, J).T
         self.h = h if self.h is None else self.h + h
-        return dx + self.s * (self.gB @ self.A[:, J])
+        return dx + self.s * (self.gB @ cols(self.A, J))
 
     def finish(self) -> tuple[Tensor | None, Tensor | None]:
         if self.gB is None:
             return None, None
         dy2, h2 = self.dy.reshape(-1, self.dy.shape[-1]), self.h.reshape(-1, self.h.shape[-1])
-        return torch.cat(self.dA_blocks, dim=1), self.s * (dy2.T @ h2)
+        dA = self.dA_blocks[0] if len(self.dA_blocks) == 1 else torch.cat(self.dA_blocks, dim=1)
+        return dA, self.s * (dy2.T @ h2)
 
 
 # ----------------------------------------------------------------------------- shapes
