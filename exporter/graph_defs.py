@@ -287,8 +287,8 @@ class LayerBackward(_WeightsMixin):
 
 # ----------------------------------------------------------------------------- sub-layer calls (split layers)
 
-BLOCK_ROW_GRADS = ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B")  # a block owns rows J of these gradients
-BLOCK_COL_GRADS = ("mlp.down_proj.lora_A",)  # and columns J of this one; the other MLP LoRA gradients are sums
+BLOCK_ROW_GRADS = sublayer.ROW_BLOCKED_LORA  # a block reads rows J of these LoRA tensors and owns their gradient's
+BLOCK_COL_GRADS = sublayer.COL_BLOCKED_LORA  # columns J of this one; the other MLP LoRA gradients are sums
 
 
 def _attention_weight(name: str, fam: Family) -> bool:

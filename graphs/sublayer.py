@@ -26,6 +26,8 @@ from graphs.config import ATTENTION_QUERY_ROWS, ModelSpec
 from graphs.layer import _attention_backward, _attention_by_group, _Layer, _mlp_backward, _mlp_by_block
 
 Tensor = torch.Tensor
+ROW_BLOCKED_LORA = ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B")  # a block reads (and owns the gradient of) rows J
+COL_BLOCKED_LORA = ("mlp.down_proj.lora_A",)  # columns J; the other MLP LoRA tensors whole (gradients: sums)
 
 
 def attention_forward(x: Tensor, weights: dict, lora: dict[str, Tensor], spec: ModelSpec, scale: float,
@@ -90,10 +92,6 @@ def block_tensors(weights: dict, lora: dict[str, Tensor], J: slice) -> tuple[dic
         if name in W:
             W[name] = W[name][J]
     W["mlp.down_proj.weight"] = W["mlp.down_proj.weight"][:, J]
-    out = {n: t for n, t in lora.items() if n.startswith("mlp.")}
-    for name in ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B"):
-        if name in out:
-            out[name] = out[name][J]
-    if "mlp.down_proj.lora_A" in out:
-        out["mlp.down_proj.lora_A"] = out["mlp.down_proj.lora_A"][:, J]
+    out = {n: t[J] if n in ROW_BLOCKED_LORA else t[:, J] if n in COL_BLOCKED_LORA else t
+           for n, t in lora.items() if n.startswith("mlp.")}
     return W, out

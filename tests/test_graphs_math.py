@@ -344,7 +344,7 @@ def _by_calls(x, dy, W, lora, spec, kind, scale, blocks, query_rows):
         dm_J, g = sublayer.mlp_block_backward(h1, dz, *sublayer.block_tensors(W, lora, J), spec, scale, kind)
         dm = dm + dm_J
         for name, t in g.items():  # sums over blocks; block-owned rows / columns concatenated
-            if name in ("mlp.gate_proj.lora_B", "mlp.up_proj.lora_B", "mlp.down_proj.lora_A"):
+            if name in sublayer.ROW_BLOCKED_LORA + sublayer.COL_BLOCKED_LORA:
                 grads.setdefault(name, []).append(t)
             else:
                 grads[name] = grads.get(name, 0) + t
