@@ -189,11 +189,11 @@ def _programs(r: Resolved, backend) -> list[tuple[Program, list[gd.GraphDef] | N
 def stored_layer(r: Resolved, i: int) -> dict[str, torch.Tensor]:
     """Layer i's frozen tensors as the bundle stores them (`StepShapes.layer_stored`: quantized where asked, the
     down projection's tensors transposed in a split bundle)."""
-    stored = quant.quantize_layer(r.weights.layer(i), r.shapes.quant)
-    if not r.shapes.split_layers:
-        return stored
-    return {n + gd.TRANSPOSED if gd.column_blocked(n) else n: t.T.contiguous() if gd.column_blocked(n) else t
-            for n, t in stored.items()}
+    out = {}
+    for name, t in quant.quantize_layer(r.weights.layer(i), r.shapes.quant).items():
+        name, transposed = r.shapes.as_stored(name)
+        out[name] = t.T.contiguous() if transposed else t
+    return out
 
 
 def _quant_key(s: gd.StepShapes) -> dict | None:

@@ -164,10 +164,15 @@ class StepShapes:
         """Frozen tensors (Hugging Face name -> float shape) as stored, in a layer file or a graph's inputs."""
         out = {}
         for name, (shape, dtype) in quant.stored_tensors(weight_shapes, self.quant).items():
-            if self.split_layers and column_blocked(name):
-                name, shape = name + TRANSPOSED, tuple(reversed(shape))
-            out[name] = (shape, dtype)
+            name, transposed = self.as_stored(name)
+            out[name] = (tuple(reversed(shape)) if transposed else shape, dtype)
         return out
+
+    def as_stored(self, name: str) -> tuple[str, bool]:
+        """(its name as stored, whether it is stored transposed) of a stored tensor (`quant.stored_tensors`' names):
+        a split bundle keeps the down projection's tensors transposed as `<name>.T` (`column_blocked`)."""
+        transposed = self.split_layers and column_blocked(name)
+        return (name + TRANSPOSED if transposed else name), transposed
 
     @property
     def mlp_block_rows(self) -> int:
