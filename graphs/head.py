@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from graphs.config import VOCAB_CHUNK_ROWS
 from graphs.ops import rms_norm, rms_norm_backward
@@ -65,7 +66,7 @@ def head_chunk(x: Tensor, norm_weight: Tensor, labels: Tensor, weight_chunk: Ten
     x (B, S, H), labels (B, S) unshifted, mu/s (B, S), P/T (B, S, H); norm_offset 1: Gemma's (1 + w).
     """
     n = rms_norm(x, norm_weight, eps, norm_offset)
-    z = n @ weight_chunk.T  # (B, S, C)
+    z = F.linear(n, weight_chunk)  # (B, S, C): n E_c^T, E_c read as linear's weight (no transposed copy of it)
     row_ids = offset + torch.arange(weight_chunk.shape[0], dtype=offset.dtype)
     z = z.masked_fill(row_ids >= vocab_size, float("-inf"))
     mu_new = torch.maximum(mu, z.amax(-1))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from graphs import ops
 from graphs.config import ATTENTION_QUERY_ROWS, MLP_BLOCKS, ModelSpec
@@ -133,7 +134,7 @@ def _attention_by_group(x: Tensor, L: _Layer, lora: dict[str, Tensor], scale: fl
         v = ops.split_heads(proj["v"].forward(Jk), 1, D)[:, 0]  # (B, S, D)
         o = ops.merge_heads(ops.group_attention(L.qk("q", q), L.qk("k", k)[:, 0], v, L.qscale, L.window,
                                                 L.query_rows))
-        part = o @ W["self_attn.o_proj.weight"][:, Jq].T  # o (B, S, g*D)
+        part = F.linear(o, W["self_attn.o_proj.weight"][:, Jq])  # o (B, S, g*D); as linear: no transposed copy
         o_out = part if o_out is None else o_out + part
         if Ao is not None:
             hpart = o @ Ao[:, Jq].T

@@ -75,3 +75,38 @@ def test_mlp_blocks_are_equal_group_aligned_and_at_least_as_many_as_asked(model,
     assert s.mlp_bounds()[-1][1] == I and len(s.mlp_bounds()) == n
     # the smallest such count: no divisor of I / align between `asked` and the chosen count
     assert not any(units % d == 0 for d in range(min(asked, units), n))
+
+
+def test_executorch_sublayer_graphs_never_transpose_a_frozen_weight():
+    """Lowered through XNNPACK, no `permute_copy` reads a frozen weight, directly or through a slice: the stored
+    down^T is multiplied as linear's weight (`graphs.ops.matmul`; the transpose pair of the forward cancelled by
+    `cancel_inverse_permutes`), o_proj's columns likewise, so no call copies a weight matrix to transpose it (a
+    1216 x 896 block: 10.5 ms of a 30 ms MLP block forward at Qwen2.5-0.5B). One family: the products are the
+    shared per-op code of every family (`graphs.ops`, `graphs.layer`), and lowering costs ~10 s a family.
+    (attn_backward multiplies o_proj's columns as they are stored, like the gate / up rows.)"""
+    import torch
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from exporter.backends.executorch import _matmul_partitioner, cancel_inverse_permutes
+    from exporter.graph_defs import layer_graphs
+
+    shapes = StepShapes(TINY_FAMILY_SPECS["qwen2"], LoraConfig(seq_len=8), split_layers=True)
+    graphs = [g for g in layer_graphs(shapes, "full_attention")
+              if g.kind in ("attn_forward", "mlp_block_forward", "mlp_block_backward")]
+    exported = {g.kind: torch.export.export(g.module, g.example_inputs()) for g in graphs}
+    edge = to_edge_transform_and_lower(exported, transform_passes=[cancel_inverse_permutes],
+                                       partitioner=[_matmul_partitioner()])
+    through = (exir_ops.edge.aten.slice_copy.Tensor, exir_ops.edge.aten.view_copy.default)
+    for g in graphs:
+        ep = edge.exported_program(g.kind)
+        names = dict(zip(ep.graph_signature.user_inputs, (t.name for t in g.inputs)))
+        transposed = []
+        for node in ep.graph.nodes:
+            if node.op == "call_function" and node.target == exir_ops.edge.aten.permute_copy.default:
+                source = node.args[0]
+                while source.op == "call_function" and source.target in through:
+                    source = source.args[0]
+                if source.op == "placeholder" and "_proj_weight" in names.get(source.name, ""):
+                    transposed.append(names[source.name])
+        assert not transposed, f"{g.kind} transposes {transposed}"

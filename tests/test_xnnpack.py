@@ -58,7 +58,8 @@ def test_matrix_products_are_delegated_and_arena_bytes_count_xnnpack(xnnpack):
         entry = xnnpack[graph_id][2]
         assert entry["delegate_calls"] > 0 and entry["delegate_heap_bytes"] > 0, graph_id
         assert entry["arena_bytes"] > entry["delegate_heap_bytes"], graph_id
-    assert xnnpack["head.head_chunk"][2]["delegate_calls"] == 2 * 3  # x W^T and dlogits W, 3 sub-blocks
+    # per sub-block (3): the products x W^T and e W, and the two exps of the online softmax
+    assert xnnpack["head.head_chunk"][2]["delegate_calls"] == (2 + 2) * 3
     assert xnnpack["head.head_finish"][2]["delegate_calls"] == xnnpack["head.head_finish"][2]["delegate_heap_bytes"] == 0
 
 
@@ -133,3 +134,28 @@ def test_only_the_xnnpack_backend_multiplies_the_float_head_in_blocks():
     assert get_backend("executorch").with_delegate("xnnpack").head_block_rows == gd.HEAD_BLOCK_ROWS
     assert get_backend("executorch").with_delegate("none").head_block_rows is None
     assert get_backend("ort").head_block_rows is None and get_backend("coreml").head_block_rows is None
+
+
+def test_cancel_inverse_permutes_drops_only_pairs_that_undo_each_other():
+    """`cancel_inverse_permutes`: a transpose of a transpose goes (x @ w.T.T reads w as given); a pair that
+    composes to another permutation stays, and so does a permute that is a graph output. Same values."""
+    from executorch.exir import to_edge
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from exporter.backends.executorch import cancel_inverse_permutes
+
+    class M(torch.nn.Module):
+        def forward(self, w, x, y):
+            return x @ w.T.T, y.permute(1, 2, 0).permute(1, 2, 0) + 1, w.T
+
+    args = (torch.randn(3, 5), torch.randn(4, 3), torch.randn(2, 3, 4))
+    edge = to_edge(torch.export.export(M(), args))
+
+    def permutes(e) -> int:
+        return sum(n.target == exir_ops.edge.aten.permute_copy.default for n in e.exported_program().graph.nodes)
+
+    assert permutes(edge) == 5
+    edge = edge.transform([cancel_inverse_permutes])
+    assert permutes(edge) == 3
+    for got, want in zip(edge.exported_program().module()(*args), M()(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,8 +1,8 @@
 """ExecuTorch: each program is one `.pte` whose methods are its graphs (method name = graph kind; e.g.
 `layer_forward` and `layer_backward` are two methods of `graphs/layer.pte`).
 
-Lowering: `torch.export` of every graph -> edge dialect -> `to_executorch` with ExecuTorch's memory
-planner. Frozen weights are graph inputs (`weights_in_graphs = False`): one `layer.pte` serves every
+Lowering: `torch.export` of every graph -> edge dialect (with `cancel_inverse_permutes`: no transposed
+copy of a weight stored transposed) -> `to_executorch` with ExecuTorch's memory planner. Frozen weights are graph inputs (`weights_in_graphs = False`): one `layer.pte` serves every
 layer, and no weight is ever baked into a program.
 
 Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
@@ -15,9 +15,10 @@ Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
   given: no transposed copy of W, no constant), and so is every `cat` and `floor`: the int4 unpacking's
   nibble split and interleave, whose portable `cat` copies one float at a time (a 4864 x 896 int4
   matrix: portable dequantization + product 43.6 ms, 29.8 ms with these two ops on XNNPACK, 16.9 ms for
-  the float32 product alone; whole int4 steps 1.2x faster). Everything else (norms, RoPE, softmax,
-  masks, the other dequantization ops) stays on the portable kernels: putting mul and sub on XNNPACK
-  too made float32 steps slower (each op a delegate call). Fusing the partitions
+  the float32 product alone; whole int4 steps 1.2x faster); so is every `permute_copy`, `softmax`, `exp`
+  and `sigmoid`, whose portable kernels are many times slower (figures at `_matmul_partitioner`).
+  Everything else (norms, RoPE, masks, the other dequantization ops) stays on the portable kernels:
+  putting mul and sub on XNNPACK too made float32 steps slower (each op a delegate call). Fusing the partitions
   re-sorts the graph breadth first, and the memory plan follows node order: the MeSP layer_backward
   arena grew 4.4x (tiny test layer: 62 KB to 273 KB). `restore_order` puts the nodes back in their
   pre-partition order (a topological sort that prefers the earlier original position), after which the
@@ -57,18 +58,29 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64), "uin
 
 
 def _matmul_partitioner():
-    """An XnnpackPartitioner that claims matrix products, `cat` and `floor`, one partition per op (`per_op_mode`), and
-    takes the right-hand matrix as a runtime input (`force_non_static_weights_for_f32_linear`: frozen
-    weights are graph inputs, not constants). It records each method's node order before partitioning
-    (`orders`, one name -> position dict per method, in the order the methods are partitioned)."""
+    """An XnnpackPartitioner that claims matrix products, `cat`, `floor`, `permute`, `softmax`, `exp` and
+    `sigmoid`, one partition per op (`per_op_mode`), and takes the right-hand matrix as a runtime input
+    (`force_non_static_weights_for_f32_linear`: frozen weights are graph inputs, not constants). It records
+    each method's node order before partitioning (`orders`, one name -> position dict per method, in the
+    order the methods are partitioned).
+
+    Which ops: those whose portable kernel is many times slower than XNNPACK's, so that a delegate call of
+    their own pays (measured on Qwen2.5-0.5B graphs, 2 threads): `permute_copy` (heads split and merged,
+    k^T and p^T; portable: 16 of a 64 ms attention backward, XNNPACK's transpose 1.1 ms), `softmax`, `exp`
+    (the loss head: 12 of a 72 ms chunk), `sigmoid`. With them an attention forward went from 30.7 to
+    14.7 ms, an attention backward from 64 to 41 ms, a head chunk from 72 to 60 ms. Cheap elementwise ops
+    (mul, add, sub) stay portable: as calls of their own they made float32 steps slower."""
     from executorch.backends.xnnpack.partition.config.gemm_configs import AddmmConfig, LinearConfig, MMConfig
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig, CatConfig, FloorConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        BMMConfig, CatConfig, ExpConfig, FloorConfig, PermuteConfig, SigmoidConfig, SoftmaxConfig)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    configs = [LinearConfig, AddmmConfig, MMConfig, BMMConfig, CatConfig, FloorConfig, PermuteConfig, SoftmaxConfig,
+               ExpConfig, SigmoidConfig]
 
     class MatmulPartitioner(XnnpackPartitioner):
         def __init__(self):
-            super().__init__(configs=[LinearConfig, AddmmConfig, MMConfig, BMMConfig, CatConfig, FloorConfig],
-                             per_op_mode=True, force_non_static_weights_for_f32_linear=True)
+            super().__init__(configs=configs, per_op_mode=True, force_non_static_weights_for_f32_linear=True)
             self.orders: list[dict[str, int]] = []
 
         def partition(self, exported_program):
@@ -144,6 +156,35 @@ def restore_order(gm, order: dict[str, int]) -> None:
     gm.recompile()
 
 
+def cancel_inverse_permutes(gm: torch.fx.GraphModule):
+    """permute(permute(x, p), q) -> x where the two undo each other (p[q[i]] = i): an edge-dialect pass.
+
+    The split layer graphs read the down projection stored transposed (`graph_defs.TRANSPOSED`) and the
+    math multiplies by its transpose again: in eager PyTorch two views, in the edge dialect two
+    `permute_copy`s, each a copy on the portable kernels (10.5 ms of a 30 ms Qwen2.5-0.5B MLP block forward
+    for a 1216 x 896 block; ONNX Runtime's and Core ML's own optimizers drop such pairs). A pair whose outer
+    permute is a graph output is kept (an output must not be an input)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    permute = exir_ops.edge.aten.permute_copy.default
+    changed = False
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.op == "call_function" and node.target == permute else None
+        if not (isinstance(inner, torch.fx.Node) and inner.op == "call_function" and inner.target == permute):
+            continue
+        p, q = list(inner.args[1]), list(node.args[1])
+        n = len(p)
+        if [p[q[i] % n] % n for i in range(n)] != list(range(n)) or any(u.op == "output" for u in node.users):
+            continue
+        node.replace_all_uses_with(inner.args[0])
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return PassResult(gm, changed)
+
+
 def lower_to_executorch(graphs: list[GraphDef], delegate: str = "none"):
     """`graphs` as one ExecuTorch program (an `ExecutorchProgramManager`), one method per graph kind;
     `delegate` "xnnpack" lowers every matrix product through XNNPACK (`_matmul_partitioner`), "none"
@@ -162,10 +203,11 @@ def lower_to_executorch(graphs: list[GraphDef], delegate: str = "none"):
     if delegate == "none":
         # No partitioner, so `to_edge`: the same program as `to_edge_transform_and_lower(exported)` (byte
         # for byte) with one decomposition pass instead of two.
-        edge = to_edge(exported, compile_config=compile_config)
+        edge = to_edge(exported, compile_config=compile_config).transform([cancel_inverse_permutes])
     else:
         partitioner = _matmul_partitioner()
-        edge = to_edge_transform_and_lower(exported, partitioner=[partitioner], compile_config=compile_config)
+        edge = to_edge_transform_and_lower(exported, transform_passes=[cancel_inverse_permutes],
+                                           partitioner=[partitioner], compile_config=compile_config)
         if len(partitioner.orders) != len(kinds):
             raise RuntimeError(f"the partitioner saw {len(partitioner.orders)} methods, expected {len(kinds)}")
         for kind, order in zip(exported, partitioner.orders):
