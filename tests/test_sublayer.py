@@ -82,7 +82,7 @@ def test_executorch_sublayer_graphs_never_transpose_a_frozen_weight():
     down^T is multiplied as linear's weight (`graphs.ops.matmul`; the transpose pair of the forward cancelled by
     `cancel_inverse_permutes`), o_proj's columns likewise, so no call copies a weight matrix to transpose it (a
     1216 x 896 block: 10.5 ms of a 30 ms MLP block forward at Qwen2.5-0.5B). One family: the products are the
-    shared per-op code of every family (`graphs.ops`, `graphs.layer`), and lowering costs ~10 s a family.
+    shared per-op code of every family (`graphs.ops`, `graphs.layer`), and lowering them takes ~28 s a family.
     (attn_backward multiplies o_proj's columns as they are stored, like the gate / up rows.)"""
     import torch
     from executorch.exir import to_edge_transform_and_lower

@@ -2,8 +2,9 @@
 `layer_forward` and `layer_backward` are two methods of `graphs/layer.pte`).
 
 Lowering: `torch.export` of every graph -> edge dialect (with `cancel_inverse_permutes`: no transposed
-copy of a weight stored transposed) -> `to_executorch` with ExecuTorch's memory planner. Frozen weights are graph inputs (`weights_in_graphs = False`): one `layer.pte` serves every
-layer, and no weight is ever baked into a program.
+copy of a weight stored transposed) -> `to_executorch` with ExecuTorch's memory planner. Frozen weights
+are graph inputs (`weights_in_graphs = False`): one `layer.pte` serves every layer, and no weight is ever
+baked into a program.
 
 Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
 
@@ -18,8 +19,8 @@ Delegate (`--delegate`, `BuildConfig.delegate`; default xnnpack):
   the float32 product alone; whole int4 steps 1.2x faster); so is every `permute_copy`, `softmax`, `exp`
   and `sigmoid`, whose portable kernels are many times slower (figures at `_matmul_partitioner`).
   Everything else (norms, RoPE, masks, the other dequantization ops) stays on the portable kernels:
-  putting mul and sub on XNNPACK too made float32 steps slower (each op a delegate call). Fusing the partitions
-  re-sorts the graph breadth first, and the memory plan follows node order: the MeSP layer_backward
+  putting mul and sub on XNNPACK too made float32 steps slower (each op a delegate call). Fusing the
+  partitions re-sorts the graph breadth first, and the memory plan follows node order: the MeSP layer_backward
   arena grew 4.4x (tiny test layer: 62 KB to 273 KB). `restore_order` puts the nodes back in their
   pre-partition order (a topological sort that prefers the earlier original position), after which the
   plans are smaller than the portable ones (layer_forward 13.7 MB vs 16.1 MB, layer_backward 20.5 MB vs
