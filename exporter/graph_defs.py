@@ -292,10 +292,6 @@ class LayerBackward(_WeightsMixin):
 
 # ----------------------------------------------------------------------------- sub-layer calls (split layers)
 
-BLOCK_ROW_GRADS = sublayer.ROW_BLOCKED_LORA  # a block reads rows J of these LoRA tensors and owns their gradient's
-BLOCK_COL_GRADS = sublayer.COL_BLOCKED_LORA  # columns J of this one; the other MLP LoRA gradients are sums
-
-
 def _attention_weight(name: str, fam: Family) -> bool:
     return name.startswith("self_attn.") or name in {fam.norm(r) for r in ("attn_in", "attn_out", "q", "k")}
 
@@ -318,7 +314,8 @@ class LayerPart:
                             for n, sh in layer.items() if n.startswith(("mlp.gate_proj.", "mlp.up_proj."))}
             self.weights["mlp.down_proj.weight"] = (H, c)
             self.weights[mlp_in] = layer[mlp_in]
-            self.lora = {n: ((c, sh[1]) if n in BLOCK_ROW_GRADS else (sh[0], c) if n in BLOCK_COL_GRADS else sh)
+            rows, cols = sublayer.ROW_BLOCKED_LORA, sublayer.COL_BLOCKED_LORA
+            self.lora = {n: ((c, sh[1]) if n in rows else (sh[0], c) if n in cols else sh)
                          for n, sh in lora.items() if n.startswith("mlp.")}
         elif part == "mlp_out":  # the finishing calls: mlp_out norm and down bias, where the family has them
             self.weights = {n: layer[n] for n in (mlp_out, "mlp.down_proj.bias") if n in layer}
@@ -373,7 +370,7 @@ class MlpBlockForward(_SubLayer):
 class MlpBlockBackward(_SubLayer):
     """(h1, dz, dm, weights..., lora..., gacc_<summed gradient>...) -> (dm_out, grad_<every MLP LoRA tensor>...):
     the summed gradients (gate / up lora_A, down lora_B) added to their accumulators, the block-owned ones
-    (`BLOCK_ROW_GRADS`, `BLOCK_COL_GRADS`) the block's slice alone."""
+    (`sublayer.ROW_BLOCKED_LORA`, `sublayer.COL_BLOCKED_LORA`) the block's slice alone."""
 
     def forward(self, h1, dz, dm, *rest):
         W, lora, acc = self.part.split(rest)
@@ -402,7 +399,7 @@ class MlpBackwardFinish(_SubLayer):
 
 def summed_grads(part: LayerPart) -> list[str]:
     """The MLP LoRA tensors whose gradients are sums over the blocks (accumulated through the block calls)."""
-    return [n for n in part.lora if n not in BLOCK_ROW_GRADS + BLOCK_COL_GRADS]
+    return [n for n in part.lora if n not in sublayer.ROW_BLOCKED_LORA + sublayer.COL_BLOCKED_LORA]
 
 
 def sublayer_graphs(shapes: StepShapes, attention: str) -> list[GraphDef]:

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from exporter.bundle_format import (DTYPE_BYTES, EMBEDDING_FILE, FINAL_NORM_FILE, LM_HEAD_FILE,  # noqa: F401
                                     grad_of, grad_state_name, is_paged, layer_file, lora_state_name,
                                     peft_tensor_name)
-from exporter.graph_defs import (BLOCK_COL_GRADS, BLOCK_ROW_GRADS, LayerPart, StepShapes, ident, matrix_input_name,
-                                 summed_grads)
+from exporter.graph_defs import LayerPart, StepShapes, ident, matrix_input_name, summed_grads
+from graphs import sublayer
 from graphs.config import FULL, SLIDING, ModelSpec
 
 def store_name(ref) -> str | None:
@@ -214,9 +214,9 @@ def _part_inputs(s: StepShapes, part: LayerPart, i: int, block: tuple[int, int] 
 
 def _lora_slice(store: str, name: str, block: tuple[int, int] | None):
     """Store tensor `store` (LoRA tensor or gradient `name` of a layer), or block [a, b)'s rows / columns of it."""
-    if block is not None and name in BLOCK_ROW_GRADS:
+    if block is not None and name in sublayer.ROW_BLOCKED_LORA:
         return {"tensor": store, "rows": list(block)}
-    if block is not None and name in BLOCK_COL_GRADS:
+    if block is not None and name in sublayer.COL_BLOCKED_LORA:
         return {"tensor": store, "cols": list(block)}
     return store
 
